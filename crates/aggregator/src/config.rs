@@ -1,0 +1,70 @@
+//! Command-line and environment configuration of the aggregator.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use hitcounter_telemetry::ServiceArgs;
+
+/// The aggregator owns the sliding-window state of its shard of keys; ingest streams deltas in and
+/// query reads counts out. It is internal: expose it only to ingest and query.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "hitcounter-aggregator", version, about, long_about = None)]
+pub struct Config {
+    /// gRPC listen address.
+    #[arg(long, env = "HITCOUNTER_LISTEN", default_value = "0.0.0.0:50052")]
+    pub listen: SocketAddr,
+
+    /// Directory for the aggregator's state (reserved for checkpoints; nothing is written yet).
+    #[arg(long, env = "HITCOUNTER_DATA_DIR", default_value = "data/aggregator")]
+    pub data_dir: PathBuf,
+
+    /// Seconds of history kept per key at 1-second resolution. Queries with a longer window
+    /// are rejected; ingest and query must use the same value.
+    #[arg(long, env = "HITCOUNTER_RETENTION_SECONDS", default_value_t = 3600)]
+    pub retention_seconds: u32,
+
+    /// Owner tasks the key space is split over (each owns its keys, no locks); 0 means one per
+    /// CPU core.
+    #[arg(long, env = "HITCOUNTER_OWNERS", default_value_t = 0)]
+    pub owners: usize,
+
+    /// Commands queued per owner before callers wait (backpressure towards ingest and query).
+    #[arg(long, env = "HITCOUNTER_OWNER_MAILBOX", default_value_t = 1024)]
+    pub owner_mailbox: usize,
+
+    /// Most distinct keys held by this aggregator; deltas for new keys beyond it are dropped,
+    /// counted in `hitcounter_aggregator_deltas_dropped_total` and logged.
+    #[arg(long, env = "HITCOUNTER_MAX_KEYS", default_value_t = 10_000_000)]
+    pub max_keys: usize,
+
+    /// Batch sequence numbers remembered per ingest forwarder, so a resent batch applies once.
+    #[arg(long, env = "HITCOUNTER_DEDUP_WINDOW", default_value_t = 65_536)]
+    pub dedup_window: usize,
+
+    /// Most ingest forwarders tracked for deduplication; the least recently seen is forgotten.
+    #[arg(long, env = "HITCOUNTER_MAX_PRODUCERS", default_value_t = 4096)]
+    pub max_producers: usize,
+
+    /// Acks queued per apply stream before the stream stops reading.
+    #[arg(long, env = "HITCOUNTER_ACK_CHANNEL_CAPACITY", default_value_t = 256)]
+    pub ack_channel_capacity: usize,
+
+    /// Shared service settings.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+impl Config {
+    /// Default `/metrics` address of the aggregator.
+    pub const DEFAULT_METRICS: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9102);
+
+    /// Owner count after resolving 0 to the number of cores.
+    pub fn owner_count(&self) -> usize {
+        if self.owners > 0 {
+            return self.owners;
+        }
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    }
+}

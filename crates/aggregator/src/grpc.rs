@@ -1,0 +1,195 @@
+//! The gRPC edge of the aggregator: the `hitcounter.aggregator.v1.Aggregator` service.
+//!
+//! `Apply` reads one ingest forwarder's stream of delta batches; each batch is deduplicated by
+//! (producer, seq), applied through the owners, and acknowledged on the response stream. Reads
+//! (`Count`, `Series`, `Top`) fan out to the owners and fan in.
+
+use std::{pin::Pin, sync::Arc};
+
+use futures::{Stream, StreamExt};
+use hitcounter_proto::aggregator::v1::{
+    aggregator_server::Aggregator, ApplyRequest, ApplyResponse, CountRequest, CountResponse,
+    KeyCount, SeriesRequest, SeriesResponse, TopRequest, TopResponse,
+};
+use hitcounter_telemetry::{rpc, CancellationToken};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+use crate::{dedup::AppliedBatches, error::AggregatorError, owners::Owners};
+
+/// Most keys in one `Count` call (query sends at most 1000 per `GetHitsMany`).
+const MAX_COUNT_KEYS: usize = 10_000;
+/// Most points in one `Series` call (the public limit).
+const MAX_SERIES_POINTS: u32 = 10_000;
+/// Most keys in one `Top` answer (the public limit).
+const MAX_TOP_LIMIT: u32 = 1000;
+
+/// Implements the aggregator's gRPC API.
+pub(crate) struct AggregatorService {
+    pub(crate) owners: Owners,
+    pub(crate) applied: Arc<AppliedBatches>,
+    pub(crate) retention_seconds: u32,
+    pub(crate) ack_capacity: usize,
+    pub(crate) shutdown: CancellationToken,
+}
+
+type AckStream = Pin<Box<dyn Stream<Item = Result<ApplyResponse, Status>> + Send>>;
+
+impl AggregatorService {
+    fn check_window(&self, window_seconds: u32) -> Result<(), AggregatorError> {
+        if window_seconds == 0 || window_seconds > self.retention_seconds {
+            return Err(AggregatorError::InvalidArgument(format!(
+                "window_seconds must be 1..={}, got {window_seconds}",
+                self.retention_seconds
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Applies one batch unless it is a resend; returns its ack.
+async fn apply_batch(
+    owners: &Owners,
+    applied: &AppliedBatches,
+    batch: ApplyRequest,
+) -> Result<ApplyResponse, AggregatorError> {
+    let tick = crate::clock::now_second() as u64;
+    if !applied.first_time(batch.producer_id, batch.seq, tick) {
+        metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "duplicate")
+            .increment(1);
+        return Ok(ApplyResponse {
+            seq: batch.seq,
+            duplicate: true,
+            dropped: 0,
+        });
+    }
+    let dropped = owners.apply(batch.deltas).await?;
+    metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "applied").increment(1);
+    Ok(ApplyResponse {
+        seq: batch.seq,
+        duplicate: false,
+        dropped,
+    })
+}
+
+#[tonic::async_trait]
+impl Aggregator for AggregatorService {
+    type ApplyStream = AckStream;
+
+    async fn apply(
+        &self,
+        request: Request<Streaming<ApplyRequest>>,
+    ) -> Result<Response<Self::ApplyStream>, Status> {
+        let mut batches = request.into_inner();
+        let (acks_tx, acks_rx) =
+            hitcounter_pipeline::channel("aggregator_apply_acks", self.ack_capacity);
+        let owners = self.owners.clone();
+        let applied = Arc::clone(&self.applied);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(
+            async move {
+                tracing::debug!("apply stream opened");
+                loop {
+                    let next = tokio::select! {
+                        // On shutdown stop reading: unacked batches are resent by ingest.
+                        _ = shutdown.cancelled() => break,
+                        next = batches.message() => next,
+                    };
+                    let batch = match next {
+                        Ok(Some(batch)) => batch,
+                        Ok(None) => break,
+                        Err(status) => {
+                            tracing::debug!(%status, "apply stream broke");
+                            break;
+                        }
+                    };
+                    let started = std::time::Instant::now();
+                    let ack = apply_batch(&owners, &applied, batch)
+                        .await
+                        .map_err(Status::from);
+                    rpc::record("aggregator", "Apply", &ack, started);
+                    let failed = ack.is_err();
+                    // The ack channel is bounded: if the forwarder stops reading acks, we stop
+                    // reading batches.
+                    if acks_tx.send(ack).await.is_err() || failed {
+                        break;
+                    }
+                }
+                tracing::debug!("apply stream closed");
+            }
+            .instrument(tracing::debug_span!("apply_stream")),
+        );
+        Ok(Response::new(acks_rx.into_stream().boxed()))
+    }
+
+    async fn count(
+        &self,
+        request: Request<CountRequest>,
+    ) -> Result<Response<CountResponse>, Status> {
+        rpc::observe("aggregator", "Count", async {
+            let request = request.into_inner();
+            self.check_window(request.window_seconds)?;
+            if request.keys.len() > MAX_COUNT_KEYS {
+                return Err(AggregatorError::InvalidArgument(format!(
+                    "at most {MAX_COUNT_KEYS} keys per call, got {}",
+                    request.keys.len()
+                ))
+                .into());
+            }
+            let counts = self
+                .owners
+                .count(request.keys, request.end_second, request.window_seconds)
+                .await?;
+            Ok(Response::new(CountResponse { counts }))
+        })
+        .await
+    }
+
+    async fn series(
+        &self,
+        request: Request<SeriesRequest>,
+    ) -> Result<Response<SeriesResponse>, Status> {
+        rpc::observe("aggregator", "Series", async {
+            let request = request.into_inner();
+            if request.points > MAX_SERIES_POINTS || request.step_seconds == 0 {
+                return Err(AggregatorError::InvalidArgument(format!(
+                    "points must be at most {MAX_SERIES_POINTS} and step_seconds at least 1"
+                ))
+                .into());
+            }
+            let counts = self
+                .owners
+                .series(
+                    request.key,
+                    request.start_second,
+                    request.step_seconds,
+                    request.points,
+                )
+                .await?;
+            Ok(Response::new(SeriesResponse { counts }))
+        })
+        .await
+    }
+
+    async fn top(&self, request: Request<TopRequest>) -> Result<Response<TopResponse>, Status> {
+        rpc::observe("aggregator", "Top", async {
+            let request = request.into_inner();
+            self.check_window(request.window_seconds)?;
+            let limit = request.limit.clamp(1, MAX_TOP_LIMIT) as usize;
+            let keys = self
+                .owners
+                .top(
+                    request.end_second,
+                    request.window_seconds,
+                    limit,
+                    &request.prefix,
+                )
+                .await?
+                .into_iter()
+                .map(|(key, count)| KeyCount { key, count })
+                .collect();
+            Ok(Response::new(TopResponse { keys }))
+        })
+        .await
+    }
+}

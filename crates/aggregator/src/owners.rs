@@ -1,0 +1,290 @@
+//! The `apply` stage: owner tasks that hold the window state, actor style.
+//!
+//! The key space is split by hash over N owners (see `hitcounter_stack::shard::owner_of`). Each
+//! owner is a task that owns one [`WindowStore`] and drains its own bounded mailbox, so the hot
+//! path takes no lock: writes and reads for a key are serialized by its owner's mailbox. Writes
+//! are partitioned and sent to the owners of their keys; reads fan out to the owners involved and
+//! their answers are merged (fan-in). A full mailbox makes the caller wait, which propagates
+//! backpressure up the apply stream to ingest.
+//!
+//! Each owner also evicts seconds that fell out of retention once a second, so memory follows
+//! the seconds that actually had hits.
+
+use std::{sync::Arc, time::Duration};
+
+use hitcounter_pipeline::{StageReceiver, StageSender};
+use hitcounter_proto::aggregator::v1::Delta;
+use hitcounter_stack::shard::owner_of;
+use hitcounter_window::{StoreError, StoreLimits, WindowStore};
+use tokio::{sync::oneshot, task::JoinSet};
+use tracing::Instrument;
+
+use crate::error::AggregatorError;
+
+/// A request to one owner.
+enum Command {
+    Apply {
+        deltas: Vec<Delta>,
+        done: oneshot::Sender<u64>,
+    },
+    Count {
+        keys: Vec<(usize, String)>,
+        end_second: i64,
+        window_seconds: u32,
+        reply: oneshot::Sender<Vec<(usize, u64)>>,
+    },
+    Series {
+        key: String,
+        start_second: i64,
+        step_seconds: u32,
+        points: u32,
+        reply: oneshot::Sender<Vec<u64>>,
+    },
+    Top {
+        end_second: i64,
+        window_seconds: u32,
+        limit: usize,
+        prefix: Arc<str>,
+        reply: oneshot::Sender<Vec<(String, u64)>>,
+    },
+}
+
+/// Handle to the owner tasks: partitions requests, sends them, merges the answers.
+#[derive(Clone)]
+pub(crate) struct Owners {
+    mailboxes: Vec<StageSender<Command>>,
+}
+
+/// Settings of the owner tasks.
+pub(crate) struct OwnerSettings {
+    pub(crate) owners: usize,
+    pub(crate) mailbox: usize,
+    pub(crate) max_keys: usize,
+    pub(crate) retention_seconds: u32,
+}
+
+impl Owners {
+    /// Starts the owners on `tasks`. They run until every [`Owners`] handle is dropped and their
+    /// mailboxes are drained.
+    pub(crate) fn spawn(
+        settings: &OwnerSettings,
+        tasks: &mut JoinSet<Result<(), AggregatorError>>,
+    ) -> Self {
+        let owners = settings.owners.max(1);
+        // The key limit is per aggregator; each owner gets an equal share of it.
+        let max_keys = settings.max_keys.div_ceil(owners).max(1);
+        let mailboxes = (0..owners)
+            .map(|index| {
+                let (tx, rx) =
+                    hitcounter_pipeline::channel("aggregator_owner_mailbox", settings.mailbox);
+                let store = WindowStore::new(StoreLimits { max_keys });
+                let retention = i64::from(settings.retention_seconds);
+                tasks.spawn(
+                    run_owner(index, store, rx, retention)
+                        .instrument(tracing::info_span!("apply", owner = index)),
+                );
+                tx
+            })
+            .collect();
+        Self { mailboxes }
+    }
+
+    async fn send(&self, owner: usize, command: Command) -> Result<(), AggregatorError> {
+        self.mailboxes[owner]
+            .send(command)
+            .await
+            .map_err(|_| AggregatorError::OwnerStopped)
+    }
+
+    /// Applies deltas; returns how many were dropped at the key limit.
+    pub(crate) async fn apply(&self, deltas: Vec<Delta>) -> Result<u64, AggregatorError> {
+        let n = self.mailboxes.len();
+        let mut parts: Vec<Vec<Delta>> = (0..n).map(|_| Vec::new()).collect();
+        for delta in deltas {
+            parts[owner_of(&delta.key, n)].push(delta);
+        }
+        let mut waits = Vec::with_capacity(n);
+        for (owner, deltas) in parts.into_iter().enumerate() {
+            if deltas.is_empty() {
+                continue;
+            }
+            let (done, wait) = oneshot::channel();
+            self.send(owner, Command::Apply { deltas, done }).await?;
+            waits.push(wait);
+        }
+        let mut dropped = 0;
+        for wait in waits {
+            dropped += wait.await.map_err(|_| AggregatorError::OwnerStopped)?;
+        }
+        Ok(dropped)
+    }
+
+    /// Window counts of `keys`, in the order given.
+    pub(crate) async fn count(
+        &self,
+        keys: Vec<String>,
+        end_second: i64,
+        window_seconds: u32,
+    ) -> Result<Vec<u64>, AggregatorError> {
+        let n = self.mailboxes.len();
+        let total = keys.len();
+        let mut parts: Vec<Vec<(usize, String)>> = (0..n).map(|_| Vec::new()).collect();
+        for (index, key) in keys.into_iter().enumerate() {
+            parts[owner_of(&key, n)].push((index, key));
+        }
+        let mut waits = Vec::with_capacity(n);
+        for (owner, keys) in parts.into_iter().enumerate() {
+            if keys.is_empty() {
+                continue;
+            }
+            let (reply, wait) = oneshot::channel();
+            let command = Command::Count {
+                keys,
+                end_second,
+                window_seconds,
+                reply,
+            };
+            self.send(owner, command).await?;
+            waits.push(wait);
+        }
+        let mut counts = vec![0; total];
+        for wait in waits {
+            for (index, count) in wait.await.map_err(|_| AggregatorError::OwnerStopped)? {
+                counts[index] = count;
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Dense per-step counts of one key.
+    pub(crate) async fn series(
+        &self,
+        key: String,
+        start_second: i64,
+        step_seconds: u32,
+        points: u32,
+    ) -> Result<Vec<u64>, AggregatorError> {
+        let owner = owner_of(&key, self.mailboxes.len());
+        let (reply, wait) = oneshot::channel();
+        let command = Command::Series {
+            key,
+            start_second,
+            step_seconds,
+            points,
+            reply,
+        };
+        self.send(owner, command).await?;
+        wait.await.map_err(|_| AggregatorError::OwnerStopped)
+    }
+
+    /// The top `limit` keys over every owner: each owner answers its own top `limit` (a key
+    /// lives in exactly one owner, so the global top is among them) and the lists are merged.
+    pub(crate) async fn top(
+        &self,
+        end_second: i64,
+        window_seconds: u32,
+        limit: usize,
+        prefix: &str,
+    ) -> Result<Vec<(String, u64)>, AggregatorError> {
+        let prefix: Arc<str> = Arc::from(prefix);
+        let mut waits = Vec::with_capacity(self.mailboxes.len());
+        for owner in 0..self.mailboxes.len() {
+            let (reply, wait) = oneshot::channel();
+            let command = Command::Top {
+                end_second,
+                window_seconds,
+                limit,
+                prefix: Arc::clone(&prefix),
+                reply,
+            };
+            self.send(owner, command).await?;
+            waits.push(wait);
+        }
+        let mut merged = Vec::new();
+        for wait in waits {
+            merged.extend(wait.await.map_err(|_| AggregatorError::OwnerStopped)?);
+        }
+        Ok(merge_top(merged, limit))
+    }
+}
+
+/// Orders by count descending, then key ascending, and keeps the first `limit`.
+pub(crate) fn merge_top(mut keys: Vec<(String, u64)>, limit: usize) -> Vec<(String, u64)> {
+    keys.sort_unstable_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    keys.truncate(limit);
+    keys
+}
+
+async fn run_owner(
+    index: usize,
+    mut store: WindowStore,
+    mailbox: StageReceiver<Command>,
+    retention_seconds: i64,
+) -> Result<(), AggregatorError> {
+    let label = index.to_string();
+    let keys_gauge = metrics::gauge!("hitcounter_aggregator_keys", "owner" => label.clone());
+    let counters_gauge =
+        metrics::gauge!("hitcounter_aggregator_counters", "owner" => label.clone());
+    let bytes_gauge = metrics::gauge!("hitcounter_aggregator_store_bytes", "owner" => label);
+    let applied = metrics::counter!("hitcounter_aggregator_deltas_applied_total");
+    let dropped_total =
+        metrics::counter!("hitcounter_aggregator_deltas_dropped_total", "reason" => "key_limit");
+    let mut evict = tokio::time::interval(Duration::from_secs(1));
+    evict.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            command = mailbox.recv() => {
+                let Some(command) = command else { break };
+                match command {
+                    Command::Apply { deltas, done } => {
+                        let mut dropped = 0u64;
+                        let total = deltas.len() as u64;
+                        for delta in deltas {
+                            match store.add(&delta.key, delta.second, delta.count) {
+                                Ok(()) => {}
+                                Err(StoreError::KeyLimit { limit }) => {
+                                    dropped += 1;
+                                    if dropped == 1 {
+                                        tracing::error!(limit, "key limit reached: dropping deltas of new keys; raise --max-keys or add shards");
+                                    }
+                                }
+                                Err(error) => {
+                                    dropped += 1;
+                                    tracing::warn!(%error, "delta not applied");
+                                }
+                            }
+                        }
+                        applied.increment(total - dropped);
+                        dropped_total.increment(dropped);
+                        // The caller may have gone away; the deltas are applied either way.
+                        let _ = done.send(dropped);
+                    }
+                    Command::Count { keys, end_second, window_seconds, reply } => {
+                        let counts = keys
+                            .into_iter()
+                            .map(|(i, key)| (i, store.count(&key, end_second, window_seconds)))
+                            .collect();
+                        let _ = reply.send(counts);
+                    }
+                    Command::Series { key, start_second, step_seconds, points, reply } => {
+                        let _ = reply.send(store.series(&key, start_second, step_seconds, points));
+                    }
+                    Command::Top { end_second, window_seconds, limit, prefix, reply } => {
+                        let _ = reply.send(store.top(end_second, window_seconds, limit, &prefix));
+                    }
+                }
+            }
+            _ = evict.tick() => {
+                // Keep one extra second beyond retention so a window of exactly `retention`
+                // seconds ending now is always complete.
+                let oldest = crate::clock::now_second() - retention_seconds;
+                store.evict_before(oldest);
+                keys_gauge.set(store.key_count() as f64);
+                counters_gauge.set(store.counter_count() as f64);
+                bytes_gauge.set(store.approx_heap_bytes() as f64);
+            }
+        }
+    }
+    tracing::debug!(owner = index, "owner stopped");
+    Ok(())
+}

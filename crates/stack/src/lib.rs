@@ -1,0 +1,109 @@
+//! How ingest and query call the aggregator shards.
+//!
+//! - [`shard`]: which shard owns a key (a stable hash, the same in every service).
+//! - [`stack`]: the tower stack around every call to a shard, composed in one place: concurrency
+//!   limit → retry with a budget → circuit breaker → per-attempt timeout.
+//! - [`ClientArgs`]: the command-line knobs of that stack and the shard addresses.
+//! - [`StackError`]: what a call through the stack can fail with, and its mapping to a gRPC
+//!   status for the public edge.
+
+pub mod shard;
+pub mod stack;
+
+mod error;
+
+use std::time::Duration;
+
+pub use error::StackError;
+pub use stack::{build, BreakerHandle, ClientStack, StackConfig};
+
+/// Addresses of the aggregator shards and the settings of the client stack used to call them.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClientArgs {
+    /// Aggregator shard addresses, comma-separated, in shard order. Every ingest and query
+    /// instance must list the same shards in the same order: a key's shard is
+    /// `hash(key) % shard_count`.
+    #[arg(
+        long = "aggregator",
+        env = "HITCOUNTER_AGGREGATOR",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:50052"
+    )]
+    pub aggregators: Vec<String>,
+
+    /// Deadline of one call (one attempt) to an aggregator, in milliseconds.
+    #[arg(long, env = "HITCOUNTER_AGGREGATOR_TIMEOUT_MS", default_value_t = 2000)]
+    pub aggregator_timeout_ms: u64,
+
+    /// Most calls in flight to one aggregator shard; further calls wait.
+    #[arg(long, env = "HITCOUNTER_AGGREGATOR_CONCURRENCY", default_value_t = 256)]
+    pub aggregator_concurrency: usize,
+
+    /// Retries of a failed call (timeouts and UNAVAILABLE only), within the retry budget.
+    #[arg(long, env = "HITCOUNTER_RETRY_ATTEMPTS", default_value_t = 2)]
+    pub retry_attempts: u32,
+
+    /// Retries allowed as a percentage of recent successful calls, so that retries cannot
+    /// multiply the load on a struggling aggregator.
+    #[arg(long, env = "HITCOUNTER_RETRY_BUDGET_PERCENT", default_value_t = 20.0)]
+    pub retry_budget_percent: f32,
+
+    /// Consecutive failed calls that open the circuit breaker.
+    #[arg(long, env = "HITCOUNTER_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: usize,
+
+    /// How long an open breaker fails calls at once before letting one probe call through
+    /// (half-open), in milliseconds.
+    #[arg(long, env = "HITCOUNTER_BREAKER_COOLDOWN_MS", default_value_t = 2000)]
+    pub breaker_cooldown_ms: u64,
+}
+
+impl ClientArgs {
+    /// The stack settings these arguments describe.
+    pub fn stack_config(&self) -> StackConfig {
+        StackConfig {
+            timeout: Duration::from_millis(self.aggregator_timeout_ms.max(1)),
+            concurrency: self.aggregator_concurrency.max(1),
+            retry_attempts: self.retry_attempts,
+            retry_budget_percent: self.retry_budget_percent.clamp(0.0, 1000.0),
+            breaker_failures: self.breaker_failures.max(1),
+            breaker_cooldown: Duration::from_millis(self.breaker_cooldown_ms),
+        }
+    }
+
+    /// Opens a lazy gRPC channel to every shard, in shard order. Nothing is dialled until the
+    /// first call, so a service starts even while its aggregators are still coming up.
+    ///
+    /// # Errors
+    /// [`StackError::BadAddress`] when an address is not a valid URI.
+    pub fn channels(&self) -> Result<Vec<tonic::transport::Channel>, StackError> {
+        if self.aggregators.is_empty() {
+            return Err(StackError::BadAddress {
+                address: String::new(),
+                reason: "no aggregator address given".into(),
+            });
+        }
+        self.aggregators
+            .iter()
+            .map(|address| {
+                let uri = if address.contains("://") {
+                    address.clone()
+                } else {
+                    format!("http://{address}")
+                };
+                let endpoint = tonic::transport::Endpoint::from_shared(uri).map_err(|e| {
+                    StackError::BadAddress {
+                        address: address.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                Ok(endpoint
+                    .connect_timeout(Duration::from_millis(self.aggregator_timeout_ms.max(1)))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
+                    .connect_lazy())
+            })
+            .collect()
+    }
+}

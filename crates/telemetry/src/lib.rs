@@ -1,0 +1,117 @@
+//! Observability and process lifecycle shared by the three hitcounter services.
+//!
+//! - [`logging`]: `tracing` subscriber set-up (text or JSON, filtered by `RUST_LOG`).
+//! - [`metrics`]: the process-wide Prometheus recorder and the HTTP `/metrics` endpoint.
+//! - [`rpc`]: per-RPC request counters and latency histograms, recorded at the gRPC edge.
+//! - [`shutdown`]: SIGINT/SIGTERM turned into a [`CancellationToken`] every task watches.
+//! - [`ServiceArgs`]: the command-line knobs every service has (log format, metrics address,
+//!   drain deadline, message size limit).
+
+pub mod logging;
+pub mod metrics;
+pub mod rpc;
+pub mod shutdown;
+
+use std::{net::SocketAddr, time::Duration};
+
+pub use tokio_util::sync::CancellationToken;
+
+/// Command-line and environment settings every service shares; flattened into each service's
+/// own `Config`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServiceArgs {
+    /// Address of the Prometheus `/metrics` HTTP endpoint; `off` disables it.
+    #[arg(long, env = "HITCOUNTER_METRICS_LISTEN", value_parser = parse_optional_addr)]
+    pub metrics_listen: Option<OptionalAddr>,
+
+    /// Log format: `text` for people, `json` for log pipelines. Verbosity comes from `RUST_LOG`
+    /// (default `info`).
+    #[arg(long, env = "HITCOUNTER_LOG_FORMAT", default_value = "text")]
+    pub log_format: logging::LogFormat,
+
+    /// On SIGTERM/SIGINT, how long to wait for in-flight work to drain before exiting anyway.
+    #[arg(long, env = "HITCOUNTER_DRAIN_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub drain_timeout_seconds: u64,
+
+    /// Largest gRPC message accepted, in bytes. Larger messages get RESOURCE_EXHAUSTED from tonic,
+    /// and the service goes on.
+    #[arg(long, env = "HITCOUNTER_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+}
+
+impl ServiceArgs {
+    /// The drain deadline as a [`Duration`].
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_seconds)
+    }
+
+    /// The metrics address to bind, if the endpoint is enabled, given the service's default.
+    pub fn metrics_addr(&self, default: SocketAddr) -> Option<SocketAddr> {
+        match self.metrics_listen {
+            None => Some(default),
+            Some(OptionalAddr::Off) => None,
+            Some(OptionalAddr::At(addr)) => Some(addr),
+        }
+    }
+}
+
+/// A socket address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OptionalAddr {
+    /// The feature is disabled.
+    Off,
+    /// Listen here.
+    At(SocketAddr),
+}
+
+fn parse_optional_addr(value: &str) -> Result<OptionalAddr, String> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(OptionalAddr::Off);
+    }
+    value
+        .parse()
+        .map(OptionalAddr::At)
+        .map_err(|e| format!("expected HOST:PORT or `off`: {e}"))
+}
+
+/// The sockets a service listens on, bound before the service starts so that tests can pass
+/// `127.0.0.1:0` and read back the port, and so that bind errors surface before SERVING.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC listener.
+    pub grpc: tokio::net::TcpListener,
+    /// The `/metrics` listener, if the endpoint is enabled.
+    pub metrics: Option<tokio::net::TcpListener>,
+}
+
+impl Listeners {
+    /// Binds the gRPC address and, if given, the metrics address.
+    ///
+    /// # Errors
+    /// Fails when either address cannot be bound; the message names the address.
+    pub async fn bind(grpc: SocketAddr, metrics: Option<SocketAddr>) -> Result<Self, BindError> {
+        let grpc = tokio::net::TcpListener::bind(grpc)
+            .await
+            .map_err(|source| BindError { addr: grpc, source })?;
+        let metrics = match metrics {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| BindError { addr, source })?,
+            ),
+            None => None,
+        };
+        Ok(Self { grpc, metrics })
+    }
+}
+
+/// A listen address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// Why binding failed.
+    #[source]
+    pub source: std::io::Error,
+}
