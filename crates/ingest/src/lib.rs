@@ -1,1 +1,199 @@
-//! wip
+//! The ingest service: the public write path of hitcounter.
+//!
+//! ```text
+//!  RecordHit / RecordHits / StreamHits
+//!        │ validate + batch-id ledger (gRPC handlers)
+//!        ▼
+//!  [ingest_hits: bounded, in hits] ──▶ combine ──▶ [ingest_forward_<shard>: bounded] ──▶ forward
+//!                                   (sum per key,                                    (one Apply stream
+//!                                    second; split                                    per shard, via the
+//!                                    by shard)                                        client stack)
+//! ```
+//!
+//! Hits are acknowledged once they are in the pipeline; every stage-to-stage hand-off is a
+//! bounded channel, so a slow or unavailable aggregator fills the buffers and the edge pushes
+//! back (`RESOURCE_EXHAUSTED` for unary calls after the enqueue timeout, flow control for
+//! streams) instead of growing memory. [`serve`] runs until the shutdown token is cancelled,
+//! then stops accepting, drains every acknowledged hit to the aggregators (up to the drain
+//! deadline) and returns.
+//!
+//! Acknowledged hits are held in memory until delivered: a crash (not a clean stop) loses the
+//! undelivered ones. The durable log that removes that window is planned work.
+
+pub mod config;
+pub mod validate;
+
+mod error;
+mod grpc;
+mod ledger;
+mod stages;
+
+use hitcounter_proto::v1::ingest_server::IngestServer;
+use hitcounter_telemetry::{CancellationToken, Listeners};
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::Instrument;
+
+pub use config::Config;
+pub use error::IngestError;
+
+use crate::{
+    grpc::IngestService,
+    ledger::BatchLedger,
+    stages::{
+        combine::{self, CombineSettings},
+        forward::Forwarder,
+        link::ApplyLink,
+    },
+    validate::TimeRules,
+};
+
+/// Runs ingest on `listeners` until `shutdown` is cancelled, then drains and returns.
+///
+/// # Errors
+/// Fails when the service cannot start (bad aggregator address, metrics recorder), when the gRPC
+/// server fails, or when a pipeline stage stops unexpectedly: the process should then exit
+/// non-zero so that its orchestrator restarts it.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let metrics = hitcounter_telemetry::metrics::recorder()
+        .map_err(|e| IngestError::Startup(e.to_string()))?;
+    let channels = config
+        .client
+        .channels()
+        .map_err(|e| IngestError::Startup(e.to_string()))?;
+    let stack_config = config.client.stack_config();
+    let max_message = config.service.max_message_bytes;
+    // Identifies this process's batches to the aggregators, so resends apply once.
+    let producer_id: u64 = rand::random();
+    let abandon = CancellationToken::new();
+
+    let (hits_tx, hits_rx) = hitcounter_pipeline::channel("ingest_hits", config.buffer_hits);
+    let mut forward_txs = Vec::with_capacity(channels.len());
+    let mut forwarders = JoinSet::new();
+    let mut links = Vec::with_capacity(channels.len());
+    for (shard, channel) in channels.into_iter().enumerate() {
+        let link = ApplyLink::new(channel, max_message, config.forward_concurrency * 2);
+        let (stack, _breaker) =
+            hitcounter_stack::build("ingest", shard, &stack_config, link.clone())
+                .map_err(|e| IngestError::Startup(e.to_string()))?;
+        // One metric label per shard, created once at start-up: leaking the few names is the
+        // price of `&'static str` labels on the hot path.
+        let name: &'static str = Box::leak(format!("ingest_forward_{shard}").into_boxed_str());
+        let (tx, rx) = hitcounter_pipeline::channel(name, config.forward_channel_capacity);
+        let forwarder = Forwarder {
+            shard,
+            producer_id,
+            stack,
+            concurrency: config.forward_concurrency,
+            abandon: abandon.clone(),
+        };
+        forwarders.spawn(
+            forwarder
+                .run(rx)
+                .instrument(tracing::info_span!("forward", shard)),
+        );
+        forward_txs.push(tx);
+        links.push(link);
+    }
+    let settings = CombineSettings {
+        max_deltas: config.combine_max_deltas,
+        interval: std::time::Duration::from_millis(config.combine_interval_ms),
+    };
+    let mut combine = tokio::spawn(
+        combine::run(hits_rx, forward_txs, settings).instrument(tracing::info_span!("combine")),
+    );
+
+    let service = IngestService {
+        hits: hits_tx.clone(),
+        ledger: BatchLedger::new(config.dedup_horizon(), config.dedup_capacity),
+        rules: TimeRules {
+            retention_seconds: config.retention_seconds,
+            max_future_skew_seconds: config.max_future_skew_seconds,
+        },
+        enqueue_timeout: config.enqueue_timeout(),
+        stream_response_capacity: config.stream_response_capacity,
+        shutdown: shutdown.clone(),
+    };
+
+    if let Some(listener) = listeners.metrics {
+        tokio::spawn(hitcounter_telemetry::metrics::serve(
+            listener,
+            metrics,
+            shutdown.clone(),
+        ));
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let (reflection_v1, reflection_v1alpha) =
+        hitcounter_proto::reflection_services().map_err(|e| IngestError::Startup(e.to_string()))?;
+    let grpc_addr = listeners.grpc.local_addr().ok();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            IngestServer::new(service)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            shutdown.clone().cancelled_owned(),
+        );
+    health.set_serving::<IngestServer<IngestService>>().await;
+    tracing::info!(addr = ?grpc_addr, shards = links.len(), producer_id, "ingest serving");
+
+    let not_serving = async {
+        shutdown.cancelled().await;
+        health
+            .set_not_serving::<IngestServer<IngestService>>()
+            .await;
+    };
+    let served = tokio::select! {
+        (served, ()) = async { tokio::join!(server.instrument(tracing::info_span!("grpc")), not_serving) } => {
+            served.map_err(|e| IngestError::Startup(e.to_string()))
+        }
+        stopped = &mut combine => {
+            shutdown.cancel();
+            let error = match stopped {
+                Ok(Err(error)) => error,
+                _ => IngestError::StageStopped("combine"),
+            };
+            tracing::error!(%error, "a pipeline stage stopped; shutting down");
+            return Err(error);
+        }
+        Some(_) = forwarders.join_next() => {
+            shutdown.cancel();
+            tracing::error!("a forward stage stopped; shutting down");
+            return Err(IngestError::StageStopped("forward"));
+        }
+    };
+
+    // The edge is closed: let the pipeline drain, front to back.
+    hits_tx.close();
+    drop(hits_tx);
+    let drain = async {
+        let combined = (&mut combine).await;
+        while forwarders.join_next().await.is_some() {}
+        combined
+    };
+    match tokio::time::timeout(config.service.drain_timeout(), drain).await {
+        Ok(Ok(Ok(()))) => tracing::info!("pipeline drained"),
+        Ok(Ok(Err(error))) => tracing::error!(%error, "combine failed while draining"),
+        Ok(Err(join)) => tracing::error!(%join, "combine failed while draining"),
+        Err(_) => {
+            tracing::error!("drain deadline passed; dropping undelivered hits");
+            abandon.cancel();
+            combine.abort();
+            while forwarders.join_next().await.is_some() {}
+        }
+    }
+    for link in &links {
+        link.close().await;
+    }
+    tracing::info!("ingest stopped");
+    served
+}

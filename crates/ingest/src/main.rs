@@ -1,1 +1,18 @@
-fn main() {}
+//! `hitcounter-ingest`: parses the configuration and runs [`hitcounter_ingest::serve`].
+
+use clap::Parser;
+use hitcounter_ingest::Config;
+use hitcounter_telemetry::{logging, shutdown, Listeners};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    logging::init(config.service.log_format);
+    let listeners = Listeners::bind(
+        config.listen,
+        config.service.metrics_addr(Config::DEFAULT_METRICS),
+    )
+    .await?;
+    hitcounter_ingest::serve(config, listeners, shutdown::on_signal()).await?;
+    Ok(())
+}

@@ -41,7 +41,9 @@ pub enum SendError<T> {
     },
 }
 
-/// Creates a bounded channel named `name` (the metric label) holding at most `capacity` items.
+/// Creates a bounded channel named `name` (the metric label) holding at most `capacity` units:
+/// items sent with [`StageSender::send`] take one unit, items sent with
+/// [`StageSender::send_weighted`] take their weight.
 ///
 /// A `capacity` of 0 is raised to 1: a rendezvous channel is never what a config meant.
 pub fn channel<T>(name: &'static str, capacity: usize) -> (StageSender<T>, StageReceiver<T>) {
@@ -54,12 +56,14 @@ pub fn channel<T>(name: &'static str, capacity: usize) -> (StageSender<T>, Stage
         StageSender {
             inner: tx,
             slots: Arc::clone(&slots),
+            capacity,
             name,
             depth: depth.clone(),
         },
         StageReceiver {
             inner: rx,
             slots,
+            capacity,
             name,
             depth,
         },
@@ -77,6 +81,7 @@ type Slot<T> = (T, OwnedSemaphorePermit);
 pub struct StageSender<T> {
     inner: async_channel::Sender<Slot<T>>,
     slots: Arc<Semaphore>,
+    capacity: usize,
     name: &'static str,
     depth: Gauge,
 }
@@ -86,6 +91,7 @@ impl<T> Clone for StageSender<T> {
         Self {
             inner: self.inner.clone(),
             slots: Arc::clone(&self.slots),
+            capacity: self.capacity,
             name: self.name,
             depth: self.depth.clone(),
         }
@@ -98,7 +104,20 @@ impl<T> StageSender<T> {
     /// # Errors
     /// [`SendError::Closed`] when the receiving stage has stopped.
     pub async fn send(&self, item: T) -> Result<(), SendError<T>> {
-        match Arc::clone(&self.slots).acquire_owned().await {
+        self.send_weighted(item, 1).await
+    }
+
+    /// Like [`send`](Self::send) for an item that takes `weight` units of the capacity (e.g. a
+    /// batch of `weight` hits), so that the bound is on the work queued, not on the number of
+    /// batches. A weight above the capacity is clamped to it.
+    ///
+    /// # Errors
+    /// [`SendError::Closed`] when the receiving stage has stopped.
+    pub async fn send_weighted(&self, item: T, weight: usize) -> Result<(), SendError<T>> {
+        match Arc::clone(&self.slots)
+            .acquire_many_owned(self.clamp(weight))
+            .await
+        {
             Ok(permit) => self.enqueue(item, permit),
             Err(_closed) => Err(self.closed(item)),
         }
@@ -110,7 +129,20 @@ impl<T> StageSender<T> {
     /// [`SendError::Full`] when there was no room in time, [`SendError::Closed`] when the
     /// receiving stage has stopped. Either way the item comes back.
     pub async fn send_timeout(&self, item: T, timeout: Duration) -> Result<(), SendError<T>> {
-        let acquire = Arc::clone(&self.slots).acquire_owned();
+        self.send_weighted_timeout(item, 1, timeout).await
+    }
+
+    /// Like [`send_timeout`](Self::send_timeout) for an item of `weight` units.
+    ///
+    /// # Errors
+    /// As [`send_timeout`](Self::send_timeout).
+    pub async fn send_weighted_timeout(
+        &self,
+        item: T,
+        weight: usize,
+        timeout: Duration,
+    ) -> Result<(), SendError<T>> {
+        let acquire = Arc::clone(&self.slots).acquire_many_owned(self.clamp(weight));
         match tokio::time::timeout(timeout, acquire).await {
             Ok(Ok(permit)) => self.enqueue(item, permit),
             Ok(Err(_closed)) => Err(self.closed(item)),
@@ -122,9 +154,16 @@ impl<T> StageSender<T> {
         }
     }
 
+    fn clamp(&self, weight: usize) -> u32 {
+        weight
+            .clamp(1, self.capacity)
+            .try_into()
+            .unwrap_or(u32::MAX)
+    }
+
     fn enqueue(&self, item: T, permit: OwnedSemaphorePermit) -> Result<(), SendError<T>> {
         let result = self.inner.try_send((item, permit));
-        self.depth.set(self.inner.len() as f64);
+        self.depth.set(self.used() as f64);
         result.map_err(|e| self.closed(e.into_inner().0))
     }
 
@@ -141,14 +180,14 @@ impl<T> StageSender<T> {
         self.slots.close();
     }
 
-    /// Items queued now.
-    pub fn len(&self) -> usize {
-        self.inner.len()
+    /// Units of capacity in use now (items, or their weights).
+    pub fn used(&self) -> usize {
+        self.capacity.saturating_sub(self.slots.available_permits())
     }
 
-    /// True when nothing is queued.
-    pub fn is_empty(&self) -> bool {
-        self.inner.is_empty()
+    /// The channel's capacity in units.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 }
 
@@ -157,6 +196,7 @@ impl<T> StageSender<T> {
 pub struct StageReceiver<T> {
     inner: async_channel::Receiver<Slot<T>>,
     slots: Arc<Semaphore>,
+    capacity: usize,
     name: &'static str,
     depth: Gauge,
 }
@@ -166,6 +206,7 @@ impl<T> Clone for StageReceiver<T> {
         Self {
             inner: self.inner.clone(),
             slots: Arc::clone(&self.slots),
+            capacity: self.capacity,
             name: self.name,
             depth: self.depth.clone(),
         }
@@ -186,16 +227,18 @@ impl<T> Drop for StageReceiver<T> {
 impl<T> StageReceiver<T> {
     /// Receives the next item; `None` once the channel is closed and drained.
     pub async fn recv(&self) -> Option<T> {
-        let item = self.inner.recv().await.ok();
-        self.depth.set(self.inner.len() as f64);
+        let (item, permit) = self.inner.recv().await.ok()?;
         // Dropping the permit frees the slot for a waiting sender.
-        item.map(|(item, _permit)| item)
+        drop(permit);
+        self.depth.set(self.used() as f64);
+        Some(item)
     }
 
     /// Receives an item if one is queued, without waiting.
     pub fn try_recv(&self) -> Option<T> {
-        let (item, _permit) = self.inner.try_recv().ok()?;
-        self.depth.set(self.inner.len() as f64);
+        let (item, permit) = self.inner.try_recv().ok()?;
+        drop(permit);
+        self.depth.set(self.used() as f64);
         Some(item)
     }
 
@@ -223,6 +266,10 @@ impl<T> StageReceiver<T> {
     /// True when nothing is queued.
     pub fn is_empty(&self) -> bool {
         self.inner.is_empty()
+    }
+
+    fn used(&self) -> usize {
+        self.capacity.saturating_sub(self.slots.available_permits())
     }
 }
 
@@ -255,6 +302,29 @@ mod tests {
         });
         tx.send_timeout(2, Duration::from_secs(5)).await.unwrap();
         assert_eq!(reader.await.unwrap(), (Some(1), Some(2)));
+    }
+
+    #[tokio::test]
+    async fn weighted_sends_bound_the_units_queued() {
+        let (tx, rx) = channel::<&str>("test_weight", 10);
+        tx.send_weighted("six", 6).await.unwrap();
+        assert_eq!(tx.used(), 6);
+        assert!(matches!(
+            tx.send_weighted_timeout("five", 5, Duration::from_millis(20))
+                .await,
+            Err(SendError::Full { item: "five", .. })
+        ));
+        tx.send_weighted_timeout("four", 4, Duration::from_millis(20))
+            .await
+            .unwrap();
+        assert_eq!(rx.recv().await, Some("six"));
+        // An item heavier than the whole channel is clamped rather than stuck forever.
+        tx.send_weighted_timeout("huge", 100, Duration::from_millis(200))
+            .await
+            .expect_err("4 units still queued");
+        assert_eq!(rx.recv().await, Some("four"));
+        tx.send_weighted("huge", 100).await.unwrap();
+        assert_eq!(tx.used(), 10);
     }
 
     #[tokio::test]

@@ -1,1 +1,95 @@
-//! wip
+//! The query service: the public read path of hitcounter.
+//!
+//! ```text
+//!  GetHits / GetHitsMany / GetSeries / TopKeys / WatchHits
+//!        │ resolve defaults, validate (gRPC handlers)
+//!        ▼
+//!  fan out by shard ──▶ [client stack per shard] ──▶ aggregator[i] ──▶ fan in (merge)
+//! ```
+//!
+//! Each shard is called through its own tower stack (concurrency limit, retry budget, circuit
+//! breaker, timeout): while a shard's breaker is open, reads that need it fail at once with
+//! `UNAVAILABLE` ("aggregator unavailable: circuit open") instead of piling up. [`serve`] runs
+//! until the shutdown token is cancelled; watches then end cleanly and the server drains.
+
+pub mod config;
+pub mod grpc;
+
+mod error;
+mod shards;
+
+use std::sync::Arc;
+
+use hitcounter_proto::v1::query_server::QueryServer;
+use hitcounter_telemetry::{CancellationToken, Listeners};
+use tokio::sync::Semaphore;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::Instrument;
+
+pub use config::Config;
+pub use error::QueryError;
+
+use crate::{grpc::QueryService, shards::Shards};
+
+/// Runs query on `listeners` until `shutdown` is cancelled, then drains and returns.
+///
+/// # Errors
+/// Fails when the service cannot start (bad aggregator address, metrics recorder) or when the
+/// gRPC server fails.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), QueryError> {
+    let metrics = hitcounter_telemetry::metrics::recorder()
+        .map_err(|e| QueryError::Startup(e.to_string()))?;
+    let max_message = config.service.max_message_bytes;
+    let channels = config
+        .client
+        .channels()
+        .map_err(|e| QueryError::Startup(e.to_string()))?;
+    let shards = Shards::new(channels, &config.client.stack_config(), max_message)
+        .map_err(|e| QueryError::Startup(e.to_string()))?;
+    let service = QueryService {
+        shards,
+        retention_seconds: config.retention_seconds,
+        watches: Arc::new(Semaphore::new(config.max_watches)),
+        max_watches: config.max_watches,
+        watch_capacity: config.watch_channel_capacity,
+        shutdown: shutdown.clone(),
+    };
+
+    if let Some(listener) = listeners.metrics {
+        tokio::spawn(hitcounter_telemetry::metrics::serve(
+            listener,
+            metrics,
+            shutdown.clone(),
+        ));
+    }
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let (reflection_v1, reflection_v1alpha) =
+        hitcounter_proto::reflection_services().map_err(|e| QueryError::Startup(e.to_string()))?;
+    let grpc_addr = listeners.grpc.local_addr().ok();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            QueryServer::new(service)
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.grpc),
+            shutdown.clone().cancelled_owned(),
+        );
+    health.set_serving::<QueryServer<QueryService>>().await;
+    tracing::info!(addr = ?grpc_addr, "query serving");
+    let not_serving = async {
+        shutdown.cancelled().await;
+        health.set_not_serving::<QueryServer<QueryService>>().await;
+    };
+    let (served, ()) = tokio::join!(server.instrument(tracing::info_span!("grpc")), not_serving);
+    tracing::info!("query stopped");
+    served.map_err(|e| QueryError::Startup(e.to_string()))
+}

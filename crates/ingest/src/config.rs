@@ -1,0 +1,98 @@
+//! Command-line and environment configuration of the ingest service.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use hitcounter_stack::ClientArgs;
+use hitcounter_telemetry::ServiceArgs;
+
+/// Ingest accepts hits over gRPC, validates them, combines hits of the same (key, second) and
+/// forwards them to the aggregator shards.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "hitcounter-ingest", version, about, long_about = None)]
+pub struct Config {
+    /// gRPC listen address.
+    #[arg(long, env = "HITCOUNTER_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Directory for ingest's state (reserved for the durable log; nothing is written yet).
+    #[arg(long, env = "HITCOUNTER_DATA_DIR", default_value = "data/ingest")]
+    pub data_dir: PathBuf,
+
+    /// Seconds of history the aggregators keep; hits older than this are rejected. Must match
+    /// the aggregators' and query's value.
+    #[arg(long, env = "HITCOUNTER_RETENTION_SECONDS", default_value_t = 3600)]
+    pub retention_seconds: u32,
+
+    /// How far in the future a hit's timestamp may be (clock skew allowance), in seconds.
+    #[arg(long, env = "HITCOUNTER_MAX_FUTURE_SKEW_SECONDS", default_value_t = 60)]
+    pub max_future_skew_seconds: u32,
+
+    /// Hits that may wait between validation and combining. When full, StreamHits stops reading
+    /// (HTTP/2 flow control slows the client) and unary calls wait up to the enqueue timeout.
+    #[arg(long, env = "HITCOUNTER_BUFFER_HITS", default_value_t = 1_000_000)]
+    pub buffer_hits: usize,
+
+    /// How long a unary RecordHit/RecordHits waits for buffer room before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HITCOUNTER_ENQUEUE_TIMEOUT_MS", default_value_t = 1000)]
+    pub enqueue_timeout_ms: u64,
+
+    /// Most distinct (key, second) deltas combined before a flush to the forwarders.
+    #[arg(long, env = "HITCOUNTER_COMBINE_MAX_DELTAS", default_value_t = 16_384)]
+    pub combine_max_deltas: usize,
+
+    /// Longest time hits are held for combining before a flush, in milliseconds. Bounds the
+    /// added visibility delay.
+    #[arg(long, env = "HITCOUNTER_COMBINE_INTERVAL_MS", default_value_t = 5)]
+    pub combine_interval_ms: u64,
+
+    /// Delta batches queued per aggregator shard before combining waits.
+    #[arg(
+        long,
+        env = "HITCOUNTER_FORWARD_CHANNEL_CAPACITY",
+        default_value_t = 64
+    )]
+    pub forward_channel_capacity: usize,
+
+    /// Delta batches in flight (sent, not yet acknowledged) per aggregator shard.
+    #[arg(long, env = "HITCOUNTER_FORWARD_CONCURRENCY", default_value_t = 4)]
+    pub forward_concurrency: usize,
+
+    /// How long a non-empty batch_id is remembered for deduplication, in seconds (at least 600).
+    #[arg(long, env = "HITCOUNTER_DEDUP_HORIZON_SECONDS", default_value_t = 600)]
+    pub dedup_horizon_seconds: u64,
+
+    /// Most batch ids remembered at once. When full, batches with a new batch_id get
+    /// RESOURCE_EXHAUSTED until old ids expire; batches without an id are unaffected.
+    #[arg(long, env = "HITCOUNTER_DEDUP_CAPACITY", default_value_t = 1_000_000)]
+    pub dedup_capacity: usize,
+
+    /// Responses queued per StreamHits stream before the stream stops reading requests.
+    #[arg(
+        long,
+        env = "HITCOUNTER_STREAM_RESPONSE_CAPACITY",
+        default_value_t = 64
+    )]
+    pub stream_response_capacity: usize,
+
+    /// Aggregator shards and the client stack used to reach them.
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Shared service settings.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+impl Config {
+    /// Default `/metrics` address of ingest.
+    pub const DEFAULT_METRICS: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9101);
+
+    pub(crate) fn enqueue_timeout(&self) -> Duration {
+        Duration::from_millis(self.enqueue_timeout_ms)
+    }
+
+    pub(crate) fn dedup_horizon(&self) -> Duration {
+        Duration::from_secs(self.dedup_horizon_seconds.max(600))
+    }
+}

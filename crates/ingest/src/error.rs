@@ -1,0 +1,54 @@
+//! Errors of the ingest service, and their one mapping to a gRPC status.
+
+use tonic::Status;
+
+/// What can go wrong in ingest.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// The request breaks a validation rule; nothing of it was counted.
+    #[error("{0}")]
+    Invalid(#[from] crate::validate::ValidationError),
+    /// The buffer stayed full for the whole enqueue timeout.
+    #[error("ingest buffer is full (the aggregator is slow or unavailable); nothing of this request was counted, retry with backoff")]
+    BufferFull,
+    /// The batch-id ledger is full of ids younger than the dedup horizon.
+    #[error("too many distinct batch ids in the dedup horizon; nothing of this request was counted, retry later or send without batch_id")]
+    LedgerFull,
+    /// The pipeline is shutting down.
+    #[error("ingest is shutting down; retry on another instance")]
+    ShuttingDown,
+    /// A pipeline stage stopped unexpectedly.
+    #[error("ingest stage `{0}` stopped")]
+    StageStopped(&'static str),
+    /// The server could not be set up.
+    #[error("cannot start ingest: {0}")]
+    Startup(String),
+}
+
+impl IngestError {
+    /// The label of `hitcounter_ingest_hits_rejected_total` for this error.
+    pub(crate) fn reason(&self) -> &'static str {
+        match self {
+            IngestError::Invalid(error) => error.reason(),
+            IngestError::BufferFull => "buffer_full",
+            IngestError::LedgerFull => "ledger_full",
+            IngestError::ShuttingDown => "shutting_down",
+            IngestError::StageStopped(_) | IngestError::Startup(_) => "internal",
+        }
+    }
+}
+
+impl From<IngestError> for Status {
+    fn from(error: IngestError) -> Self {
+        match &error {
+            IngestError::Invalid(_) => Status::invalid_argument(error.to_string()),
+            IngestError::BufferFull | IngestError::LedgerFull => {
+                Status::resource_exhausted(error.to_string())
+            }
+            IngestError::ShuttingDown | IngestError::StageStopped(_) => {
+                Status::unavailable(error.to_string())
+            }
+            IngestError::Startup(_) => Status::internal(error.to_string()),
+        }
+    }
+}

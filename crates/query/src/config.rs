@@ -1,0 +1,44 @@
+//! Command-line and environment configuration of the query service.
+
+use std::net::SocketAddr;
+
+use hitcounter_stack::ClientArgs;
+use hitcounter_telemetry::ServiceArgs;
+
+/// Query answers counts, series, top keys and live watches by fanning out to the aggregator
+/// shards and merging their answers.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "hitcounter-query", version, about, long_about = None)]
+pub struct Config {
+    /// gRPC listen address.
+    #[arg(long, env = "HITCOUNTER_LISTEN", default_value = "0.0.0.0:50053")]
+    pub listen: SocketAddr,
+
+    /// Seconds of history the aggregators keep; longer windows are rejected with
+    /// INVALID_ARGUMENT. Must match the aggregators' and ingest's value.
+    #[arg(long, env = "HITCOUNTER_RETENTION_SECONDS", default_value_t = 3600)]
+    pub retention_seconds: u32,
+
+    /// Most WatchHits streams open at once; further ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "HITCOUNTER_MAX_WATCHES", default_value_t = 10_000)]
+    pub max_watches: usize,
+
+    /// Updates queued per WatchHits stream; a client that reads slower skips updates rather than
+    /// queueing them.
+    #[arg(long, env = "HITCOUNTER_WATCH_CHANNEL_CAPACITY", default_value_t = 4)]
+    pub watch_channel_capacity: usize,
+
+    /// Aggregator shards and the client stack used to reach them.
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Shared service settings.
+    #[command(flatten)]
+    pub service: ServiceArgs,
+}
+
+impl Config {
+    /// Default `/metrics` address of query.
+    pub const DEFAULT_METRICS: SocketAddr =
+        SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9103);
+}

@@ -1,0 +1,318 @@
+//! The gRPC edge of query: the public `hitcounter.v1.Query` service.
+//!
+//! Each handler resolves the request's defaults (window 0 → 300 s, `at_ms` 0 → now, step 0 →
+//! 1 s, limit 0 → 10), checks it against the contract, converts milliseconds to the seconds the
+//! aggregators index by, and asks the shards (see `crate::shards`).
+
+use std::{pin::Pin, sync::Arc, time::Duration};
+
+use futures::{Stream, StreamExt};
+use hitcounter_proto::v1::{
+    query_server::Query, GetHitsManyRequest, GetHitsManyResponse, GetHitsRequest, GetHitsResponse,
+    GetSeriesRequest, GetSeriesResponse, KeyCount, SeriesPoint, TopKeysRequest, TopKeysResponse,
+    WatchHitsRequest,
+};
+use hitcounter_telemetry::{rpc, CancellationToken};
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::{error::QueryError, shards::Shards};
+
+/// Window used when a request says 0.
+pub const DEFAULT_WINDOW_SECONDS: u32 = 300;
+/// Most keys in one GetHitsMany.
+pub const MAX_MANY_KEYS: usize = 1000;
+/// Most points in one GetSeries.
+pub const MAX_SERIES_POINTS: i64 = 10_000;
+/// TopKeys limit used when a request says 0.
+pub const DEFAULT_TOP_LIMIT: u32 = 10;
+/// Largest TopKeys limit; larger ones are lowered to it.
+pub const MAX_TOP_LIMIT: u32 = 1000;
+/// WatchHits interval used when a request says 0, in milliseconds.
+pub const DEFAULT_WATCH_INTERVAL_MS: u32 = 1000;
+/// Shortest WatchHits interval; shorter ones are raised to it.
+pub const MIN_WATCH_INTERVAL_MS: u32 = 100;
+/// Longest key, in bytes (the same rule as ingest).
+const MAX_KEY_BYTES: usize = 256;
+
+/// Implements the public query API.
+#[derive(Clone)]
+pub(crate) struct QueryService {
+    pub(crate) shards: Shards,
+    pub(crate) retention_seconds: u32,
+    pub(crate) watches: Arc<Semaphore>,
+    pub(crate) max_watches: usize,
+    pub(crate) watch_capacity: usize,
+    pub(crate) shutdown: CancellationToken,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<GetHitsResponse, Status>> + Send>>;
+
+fn invalid(message: impl Into<String>) -> QueryError {
+    QueryError::Invalid(message.into())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn check_key(key: &str) -> Result<(), QueryError> {
+    if key.is_empty() {
+        return Err(invalid("key is empty"));
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(invalid(format!(
+            "key is {} bytes; the limit is {MAX_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_at(at_ms: i64) -> Result<i64, QueryError> {
+    match at_ms {
+        0 => Ok(now_ms()),
+        a if a < 0 => Err(invalid(format!("at_ms {a} is negative"))),
+        a => Ok(a),
+    }
+}
+
+impl QueryService {
+    fn window(&self, window_seconds: u32) -> Result<u32, QueryError> {
+        let window = if window_seconds == 0 {
+            DEFAULT_WINDOW_SECONDS
+        } else {
+            window_seconds
+        };
+        if window > self.retention_seconds {
+            return Err(invalid(format!(
+                "window_seconds {window} is longer than the retention of {} s",
+                self.retention_seconds
+            )));
+        }
+        Ok(window)
+    }
+
+    async fn get_hits_inner(&self, request: GetHitsRequest) -> Result<GetHitsResponse, QueryError> {
+        check_key(&request.key)?;
+        let window = self.window(request.window_seconds)?;
+        let at_ms = check_at(request.at_ms)?;
+        let counts = self
+            .shards
+            .count(
+                std::slice::from_ref(&request.key),
+                at_ms.div_euclid(1000),
+                window,
+            )
+            .await?;
+        Ok(GetHitsResponse {
+            key: request.key,
+            count: counts.first().copied().unwrap_or(0),
+            window_seconds: window,
+            at_ms,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Query for QueryService {
+    async fn get_hits(
+        &self,
+        request: Request<GetHitsRequest>,
+    ) -> Result<Response<GetHitsResponse>, Status> {
+        rpc::observe("query", "GetHits", async {
+            Ok(Response::new(
+                self.get_hits_inner(request.into_inner()).await?,
+            ))
+        })
+        .await
+    }
+
+    async fn get_hits_many(
+        &self,
+        request: Request<GetHitsManyRequest>,
+    ) -> Result<Response<GetHitsManyResponse>, Status> {
+        rpc::observe("query", "GetHitsMany", async {
+            let request = request.into_inner();
+            if request.keys.is_empty() || request.keys.len() > MAX_MANY_KEYS {
+                return Err(invalid(format!(
+                    "GetHitsMany takes 1 to {MAX_MANY_KEYS} keys, got {}",
+                    request.keys.len()
+                ))
+                .into());
+            }
+            for (i, key) in request.keys.iter().enumerate() {
+                check_key(key).map_err(|e| invalid(format!("keys[{i}]: {e}")))?;
+            }
+            let window = self.window(request.window_seconds)?;
+            let at_ms = check_at(request.at_ms)?;
+            let counts = self
+                .shards
+                .count(&request.keys, at_ms.div_euclid(1000), window)
+                .await
+                .map_err(QueryError::from)?;
+            let results = request
+                .keys
+                .into_iter()
+                .zip(counts)
+                .map(|(key, count)| GetHitsResponse {
+                    key,
+                    count,
+                    window_seconds: window,
+                    at_ms,
+                })
+                .collect();
+            Ok(Response::new(GetHitsManyResponse { results }))
+        })
+        .await
+    }
+
+    async fn get_series(
+        &self,
+        request: Request<GetSeriesRequest>,
+    ) -> Result<Response<GetSeriesResponse>, Status> {
+        rpc::observe("query", "GetSeries", async {
+            let request = request.into_inner();
+            check_key(&request.key)?;
+            let step = request.step_seconds.max(1);
+            let (from, to) = (request.from_ms, request.to_ms);
+            if from < 0 {
+                return Err(invalid(format!("from_ms {from} is negative")).into());
+            }
+            if to <= from {
+                return Err(invalid(format!("to_ms {to} must be after from_ms {from}")).into());
+            }
+            let step_ms = i64::from(step) * 1000;
+            let start_ms = from.div_euclid(step_ms) * step_ms;
+            // Points start at start_ms, start_ms + step_ms, … while the start is before `to`.
+            let points = (to - start_ms + step_ms - 1) / step_ms;
+            if points > MAX_SERIES_POINTS {
+                return Err(invalid(format!(
+                    "the range holds {points} points of {step} s; the limit is {MAX_SERIES_POINTS}: raise step_seconds or narrow the range"
+                ))
+                .into());
+            }
+            let counts = self
+                .shards
+                .series(request.key.clone(), start_ms / 1000, step, points as u32)
+                .await
+                .map_err(QueryError::from)?;
+            let points = counts
+                .into_iter()
+                .enumerate()
+                .map(|(i, count)| SeriesPoint {
+                    start_ms: start_ms + i as i64 * step_ms,
+                    count,
+                })
+                .collect();
+            Ok(Response::new(GetSeriesResponse {
+                key: request.key,
+                step_seconds: step,
+                points,
+            }))
+        })
+        .await
+    }
+
+    async fn top_keys(
+        &self,
+        request: Request<TopKeysRequest>,
+    ) -> Result<Response<TopKeysResponse>, Status> {
+        rpc::observe("query", "TopKeys", async {
+            let request = request.into_inner();
+            let window = self.window(request.window_seconds)?;
+            let at_ms = check_at(request.at_ms)?;
+            let limit = match request.limit {
+                0 => DEFAULT_TOP_LIMIT,
+                l => l.min(MAX_TOP_LIMIT),
+            };
+            let keys = self
+                .shards
+                .top(at_ms.div_euclid(1000), window, limit, &request.prefix)
+                .await
+                .map_err(QueryError::from)?
+                .into_iter()
+                .map(|k| KeyCount {
+                    key: k.key,
+                    count: k.count,
+                })
+                .collect();
+            Ok(Response::new(TopKeysResponse {
+                keys,
+                window_seconds: window,
+                at_ms,
+                approximate: false,
+            }))
+        })
+        .await
+    }
+
+    type WatchHitsStream = WatchStream;
+
+    async fn watch_hits(
+        &self,
+        request: Request<WatchHitsRequest>,
+    ) -> Result<Response<Self::WatchHitsStream>, Status> {
+        let started = std::time::Instant::now();
+        let opened = (|| {
+            let request = request.into_inner();
+            check_key(&request.key)?;
+            let window = self.window(request.window_seconds)?;
+            let permit = Arc::clone(&self.watches)
+                .try_acquire_owned()
+                .map_err(|_| QueryError::TooManyWatches(self.max_watches))?;
+            let interval = match request.interval_ms {
+                0 => DEFAULT_WATCH_INTERVAL_MS,
+                i => i.max(MIN_WATCH_INTERVAL_MS),
+            };
+            Ok::<_, QueryError>((request.key, window, interval, permit))
+        })()
+        .map_err(Status::from);
+        rpc::record("query", "WatchHits", &opened, started);
+        let (key, window, interval, permit) = opened?;
+
+        let (updates_tx, updates_rx) =
+            hitcounter_pipeline::channel("query_watch_updates", self.watch_capacity);
+        let service = self.clone();
+        let open_watches = metrics::gauge!("hitcounter_query_open_watches");
+        open_watches.increment(1.0);
+        tokio::spawn(
+            async move {
+                let _permit = permit;
+                let mut ticks = tokio::time::interval(Duration::from_millis(u64::from(interval)));
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    tokio::select! {
+                        // The stream ends cleanly (status OK) when the server shuts down.
+                        _ = service.shutdown.cancelled() => break,
+                        _ = ticks.tick() => {}
+                    }
+                    let update = service
+                        .get_hits_inner(GetHitsRequest {
+                            key: key.clone(),
+                            window_seconds: window,
+                            at_ms: 0,
+                        })
+                        .await
+                        .map_err(Status::from);
+                    let failed = update.is_err();
+                    let sent = tokio::select! {
+                        _ = service.shutdown.cancelled() => break,
+                        sent = updates_tx.send(update) => sent,
+                    };
+                    // A send error means the client went away.
+                    if sent.is_err() || failed {
+                        break;
+                    }
+                }
+                open_watches.decrement(1.0);
+            }
+            .instrument(tracing::debug_span!("watch")),
+        );
+        Ok(Response::new(updates_rx.into_stream().boxed()))
+    }
+}
