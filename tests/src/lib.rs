@@ -1,1 +1,283 @@
-//! Harness.
+//! Test harness: starts the real services in-process on `127.0.0.1:0` listeners and hands out
+//! gRPC clients to them.
+//!
+//! Between ingest/query and each aggregator sits a [`LinkProxy`], a TCP relay the test controls:
+//! it can pass traffic, *pause* it (connections stay open, bytes stop: a hung aggregator) or
+//! *refuse* it (connections are cut and new ones closed at once: a dead aggregator). This lets
+//! tests take an aggregator away and bring it back without losing its in-memory state.
+
+pub mod proxy;
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::Parser;
+use hitcounter_proto::v1::{ingest_client::IngestClient, query_client::QueryClient};
+use hitcounter_telemetry::{CancellationToken, Listeners};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub use proxy::{LinkMode, LinkProxy};
+
+/// One running service.
+pub struct Running {
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    /// Its `/metrics` address.
+    pub metrics_addr: SocketAddr,
+    /// Cancel to shut it down gracefully.
+    pub shutdown: CancellationToken,
+    /// Resolves when `serve` returns.
+    pub task: JoinHandle<Result<(), String>>,
+}
+
+impl Running {
+    /// Shuts the service down and waits for `serve` to return.
+    pub async fn stop(self) -> Result<(), String> {
+        self.shutdown.cancel();
+        self.task.await.map_err(|e| e.to_string())?
+    }
+}
+
+async fn listeners() -> anyhow::Result<Listeners> {
+    Ok(Listeners::bind("127.0.0.1:0".parse()?, Some("127.0.0.1:0".parse()?)).await?)
+}
+
+fn addrs(listeners: &Listeners) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let metrics = listeners
+        .metrics
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no metrics listener"))?
+        .local_addr()?;
+    Ok((listeners.grpc.local_addr()?, metrics))
+}
+
+/// Starts an aggregator with extra command-line `args`.
+pub async fn start_aggregator(args: &[&str]) -> anyhow::Result<Running> {
+    let config = hitcounter_aggregator::Config::try_parse_from(
+        ["hitcounter-aggregator"].iter().chain(args.iter()),
+    )?;
+    let listeners = listeners().await?;
+    let (addr, metrics_addr) = addrs(&listeners)?;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            hitcounter_aggregator::serve(config, listeners, shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    });
+    Ok(Running {
+        addr,
+        metrics_addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Starts ingest pointed at `aggregators`, with extra `args`.
+pub async fn start_ingest(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::Result<Running> {
+    let list = join(aggregators);
+    let mut all = vec!["hitcounter-ingest", "--aggregator", &list];
+    all.extend_from_slice(args);
+    let config = hitcounter_ingest::Config::try_parse_from(all)?;
+    let listeners = listeners().await?;
+    let (addr, metrics_addr) = addrs(&listeners)?;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            hitcounter_ingest::serve(config, listeners, shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    });
+    Ok(Running {
+        addr,
+        metrics_addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Starts query pointed at `aggregators`, with extra `args`.
+pub async fn start_query(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::Result<Running> {
+    let list = join(aggregators);
+    let mut all = vec!["hitcounter-query", "--aggregator", &list];
+    all.extend_from_slice(args);
+    let config = hitcounter_query::Config::try_parse_from(all)?;
+    let listeners = listeners().await?;
+    let (addr, metrics_addr) = addrs(&listeners)?;
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            hitcounter_query::serve(config, listeners, shutdown)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    });
+    Ok(Running {
+        addr,
+        metrics_addr,
+        shutdown,
+        task,
+    })
+}
+
+fn join(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| format!("http://{a}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Extra arguments per service.
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    /// Aggregator shards to start (0 means 1).
+    pub shards: usize,
+    /// Extra aggregator arguments.
+    pub aggregator: Vec<&'static str>,
+    /// Extra ingest arguments.
+    pub ingest: Vec<&'static str>,
+    /// Extra query arguments.
+    pub query: Vec<&'static str>,
+}
+
+/// The three services wired together, with a [`LinkProxy`] in front of each aggregator.
+pub struct Stack {
+    /// The aggregator shards.
+    pub aggregators: Vec<Running>,
+    /// The relays in front of them, in shard order.
+    pub links: Vec<LinkProxy>,
+    /// Ingest.
+    pub ingest: Running,
+    /// Query.
+    pub query: Running,
+}
+
+impl Stack {
+    /// Starts one aggregator, ingest and query with test-friendly defaults.
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    /// Starts the stack with `options`.
+    pub async fn start_with(options: StackOptions) -> anyhow::Result<Self> {
+        init_logging();
+        let mut aggregators = Vec::new();
+        let mut links = Vec::new();
+        for _ in 0..options.shards.max(1) {
+            let aggregator = start_aggregator(&options.aggregator).await?;
+            links.push(LinkProxy::start(aggregator.addr).await?);
+            aggregators.push(aggregator);
+        }
+        let link_addrs: Vec<_> = links.iter().map(|l| l.addr).collect();
+        let ingest = start_ingest(&link_addrs, &options.ingest).await?;
+        let query = start_query(&link_addrs, &options.query).await?;
+        Ok(Self {
+            aggregators,
+            links,
+            ingest,
+            query,
+        })
+    }
+
+    /// A client of ingest.
+    pub async fn ingest_client(&self) -> anyhow::Result<IngestClient<Channel>> {
+        Ok(IngestClient::new(connect(self.ingest.addr).await?))
+    }
+
+    /// A client of query.
+    pub async fn query_client(&self) -> anyhow::Result<QueryClient<Channel>> {
+        Ok(QueryClient::new(connect(self.query.addr).await?))
+    }
+
+    /// Stops everything, front to back, and reports the first error.
+    pub async fn stop(self) -> Result<(), String> {
+        let ingest = self.ingest.stop().await;
+        let query = self.query.stop().await;
+        let mut aggregators = Ok(());
+        for aggregator in self.aggregators {
+            let stopped = aggregator.stop().await;
+            if aggregators.is_ok() {
+                aggregators = stopped;
+            }
+        }
+        ingest.and(query).and(aggregators)
+    }
+}
+
+/// Opens a gRPC channel to `addr`.
+pub async fn connect(addr: SocketAddr) -> anyhow::Result<Channel> {
+    Ok(
+        tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await?,
+    )
+}
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        hitcounter_telemetry::logging::init(hitcounter_telemetry::logging::LogFormat::Text);
+    }
+}
+
+/// Fetches `/metrics` from `addr` over plain HTTP/1.1 and returns the body.
+pub async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .ok_or_else(|| anyhow::anyhow!("malformed HTTP response"))?;
+    Ok(body)
+}
+
+/// The value of the first sample of `metric` whose line contains every `labels` fragment.
+pub fn metric_value(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            line.starts_with(metric)
+                && line[metric.len()..].starts_with(['{', ' '])
+                && labels.iter().all(|l| line.contains(l))
+        })
+        .find_map(|line| line.rsplit_once(' ')?.1.parse().ok())
+}
+
+/// Polls `check` every 10 ms until it returns `Some`, or fails after `timeout`. For conditions
+/// that become true eventually (visibility, breaker transitions), instead of sleeping a guess.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The current Unix time in milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
