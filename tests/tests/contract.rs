@@ -746,7 +746,7 @@ async fn concurrent_streams_give_exact_totals() -> anyhow::Result<()> {
     for task in tasks {
         acked += task.await??;
     }
-    let expected: u64 = (0..streams as u64 * batches_per_stream)
+    let expected: u64 = (0..streams * batches_per_stream)
         .map(|_| (0..200u64).map(|i| 1 + i % 3).sum::<u64>())
         .sum();
     assert_eq!(acked, expected);

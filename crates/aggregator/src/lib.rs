@@ -115,8 +115,18 @@ pub async fn serve(
         }
         Ok(())
     };
+    let not_serving = async {
+        shutdown.cancelled().await;
+        health
+            .set_not_serving::<AggregatorServer<AggregatorService>>()
+            .await;
+        // The overall status ("") is what orchestrators probe.
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
     let drain = tokio::select! {
-        served = server.instrument(tracing::info_span!("grpc")) => {
+        (served, ()) = async { tokio::join!(server.instrument(tracing::info_span!("grpc")), not_serving) } => {
             served.map_err(|e| AggregatorError::Startup(e.to_string()))
         }
         failed = stage_watch => {
@@ -126,9 +136,6 @@ pub async fn serve(
             return Err(error);
         }
     };
-    health
-        .set_not_serving::<AggregatorServer<AggregatorService>>()
-        .await;
     // The server (and with it every `Owners` handle) is gone: the owners drain and stop.
     let drained = tokio::time::timeout(config.service.drain_timeout(), async {
         while stages.join_next().await.is_some() {}

@@ -151,6 +151,10 @@ pub async fn serve(
         health
             .set_not_serving::<IngestServer<IngestService>>()
             .await;
+        // The overall status ("") is what orchestrators probe.
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
     };
     let served = tokio::select! {
         (served, ()) = async { tokio::join!(server.instrument(tracing::info_span!("grpc")), not_serving) } => {

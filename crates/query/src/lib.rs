@@ -88,6 +88,10 @@ pub async fn serve(
     let not_serving = async {
         shutdown.cancelled().await;
         health.set_not_serving::<QueryServer<QueryService>>().await;
+        // The overall status ("") is what orchestrators probe.
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
     };
     let (served, ()) = tokio::join!(server.instrument(tracing::info_span!("grpc")), not_serving);
     tracing::info!("query stopped");

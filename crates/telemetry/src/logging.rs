@@ -16,7 +16,12 @@ pub enum LogFormat {
 /// Calling it twice is harmless (the second call is ignored), so tests may call it freely.
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only for a terminal: escape codes in files and log collectors are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
     // `try_init` fails only when a subscriber is already set, which is fine.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

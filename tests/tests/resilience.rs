@@ -1,0 +1,344 @@
+//! Backpressure, the circuit breaker and graceful drain, with the aggregator paused or cut off by
+//! the harness's link proxy (its state survives, so exact totals can be checked afterwards).
+
+use std::time::Duration;
+
+use hitcounter_integration_tests::{
+    eventually, metric_value, now_ms, scrape, LinkMode, Stack, StackOptions,
+};
+use hitcounter_proto::v1::{
+    query_client::QueryClient, GetHitsManyRequest, GetHitsRequest, Hit, RecordHitsRequest,
+};
+use tonic::{transport::Channel, Code};
+
+const KEYS: u64 = 100;
+
+/// Hit `i` of a run: 100 keys, timestamps spread over 3000 seconds, so that combining cannot
+/// shrink the backlog and every hit is a delta of its own.
+fn spread_hit(prefix: &str, i: u64, now: i64) -> Hit {
+    Hit {
+        key: format!("{prefix}/{}", i % KEYS),
+        timestamp_ms: now - ((i / KEYS) % 3000) as i64 * 1000,
+        count: 1,
+    }
+}
+
+async fn total(query: &mut QueryClient<Channel>, prefix: &str) -> Result<u64, tonic::Status> {
+    let keys = (0..KEYS).map(|i| format!("{prefix}/{i}")).collect();
+    let response = query
+        .get_hits_many(GetHitsManyRequest {
+            keys,
+            window_seconds: 3600,
+            at_ms: 0,
+        })
+        .await?
+        .into_inner();
+    Ok(response.results.iter().map(|r| r.count).sum())
+}
+
+async fn until_total(query: &QueryClient<Channel>, prefix: &str, expected: u64, within: Duration) {
+    let result = eventually(within, "every acknowledged hit to be counted", || {
+        let mut query = query.clone();
+        async move { (total(&mut query, prefix).await.ok()? == expected).then_some(()) }
+    })
+    .await;
+    if let Err(error) = result {
+        let mut query = query.clone();
+        panic!(
+            "{error}: expected {expected}, have {:?}",
+            total(&mut query, prefix).await
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_paused_aggregator_fills_bounded_buffers_then_everything_drains() -> anyhow::Result<()> {
+    let buffer_hits = 2000;
+    let stack = Stack::start_with(StackOptions {
+        ingest: vec![
+            "--buffer-hits",
+            "2000",
+            "--enqueue-timeout-ms",
+            "200",
+            "--combine-max-deltas",
+            "100",
+            "--forward-channel-capacity",
+            "2",
+            "--forward-concurrency",
+            "1",
+            "--aggregator-timeout-ms",
+            "500",
+            "--breaker-cooldown-ms",
+            "200",
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let (mut ingest, mut query) = (stack.ingest_client().await?, stack.query_client().await?);
+    let now = now_ms();
+    stack.links[0].set(LinkMode::Pause);
+
+    // Unary calls: accepted until the buffers are full, then RESOURCE_EXHAUSTED after the
+    // enqueue timeout.
+    let mut acked = 0u64;
+    let mut next = 0u64;
+    let mut exhausted = None;
+    for _ in 0..2000 {
+        let hits = (next..next + 50)
+            .map(|i| spread_hit("/bp", i, now))
+            .collect();
+        match ingest
+            .record_hits(RecordHitsRequest {
+                hits,
+                batch_id: String::new(),
+            })
+            .await
+        {
+            Ok(response) => {
+                acked += response.into_inner().accepted;
+                next += 50;
+            }
+            Err(status) => {
+                exhausted = Some(status);
+                break;
+            }
+        }
+    }
+    let status = exhausted.expect("the buffer never filled: ingest is not bounded");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("buffer is full"),
+        "{}",
+        status.message()
+    );
+    println!("accepted {acked} hits before RESOURCE_EXHAUSTED");
+
+    // Memory stays bounded: the hits channel never holds more than its capacity, and what was
+    // accepted is at most the buffer plus the small downstream queues and network windows.
+    let metrics = scrape(stack.ingest.metrics_addr).await?;
+    let depth = metric_value(
+        &metrics,
+        "hitcounter_channel_depth",
+        &["channel=\"ingest_hits\""],
+    );
+    let capacity = metric_value(
+        &metrics,
+        "hitcounter_channel_capacity",
+        &["channel=\"ingest_hits\""],
+    );
+    assert_eq!(capacity, Some(buffer_hits as f64));
+    assert!(
+        depth.is_some_and(|d| d <= buffer_hits as f64),
+        "depth {depth:?}"
+    );
+    assert!(
+        acked < 20_000,
+        "accepted {acked} hits with a 2000-hit buffer"
+    );
+
+    // A stream stalls instead of failing: its sender gets no more acks while paused.
+    let (requests_tx, requests_rx) = tokio::sync::mpsc::channel(1);
+    let mut responses = ingest
+        .stream_hits(tokio_stream::wrappers::ReceiverStream::new(requests_rx))
+        .await?
+        .into_inner();
+    let stream_batches = 40u64;
+    let first = next;
+    let producer = tokio::spawn(async move {
+        for b in 0..stream_batches {
+            let start = first + b * 50;
+            let hits = (start..start + 50)
+                .map(|i| spread_hit("/bp", i, now))
+                .collect();
+            if requests_tx
+                .send(RecordHitsRequest {
+                    hits,
+                    batch_id: String::new(),
+                })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let stalled = tokio::time::timeout(Duration::from_millis(500), async {
+        let mut n = 0;
+        while responses.message().await.ok().flatten().is_some() {
+            n += 1;
+            if n == stream_batches {
+                break;
+            }
+        }
+        n
+    })
+    .await;
+    assert!(
+        stalled.is_err(),
+        "all stream batches were acked while the aggregator was paused"
+    );
+
+    // Resume: the stream completes and every acknowledged hit is counted, exactly once.
+    stack.links[0].set(LinkMode::Pass);
+    let mut stream_acked = 0;
+    let mut stream_responses = 0;
+    while stream_responses < stream_batches {
+        let Some(response) = responses.message().await? else {
+            break;
+        };
+        stream_acked += response.accepted;
+        stream_responses += 1;
+    }
+    producer.await?;
+    let acked_before_stream: u64 = acked;
+    acked += stream_acked;
+    assert!(stream_acked <= stream_batches * 50);
+    println!("stream acked {stream_acked} after resume; total acked {acked}");
+    until_total(&query, "/bp", acked, Duration::from_secs(20)).await;
+    assert!(acked > acked_before_stream);
+    assert_eq!(total(&mut query, "/bp").await?, acked);
+    stack.stop().await.map_err(anyhow::Error::msg)
+}
+
+#[tokio::test]
+async fn the_breaker_opens_fails_fast_and_recovers_with_exact_counts() -> anyhow::Result<()> {
+    let stack_args = vec![
+        "--breaker-failures",
+        "3",
+        "--breaker-cooldown-ms",
+        "300",
+        "--aggregator-timeout-ms",
+        "500",
+    ];
+    let stack = Stack::start_with(StackOptions {
+        ingest: stack_args.clone(),
+        query: stack_args,
+        ..Default::default()
+    })
+    .await?;
+    let (mut ingest, mut query) = (stack.ingest_client().await?, stack.query_client().await?);
+    let now = now_ms();
+    let batch = |from: u64| RecordHitsRequest {
+        hits: (from..from + 100)
+            .map(|i| spread_hit("/cb", i, now))
+            .collect(),
+        batch_id: String::new(),
+    };
+    ingest.record_hits(batch(0)).await?;
+    until_total(&query, "/cb", 100, Duration::from_secs(1)).await;
+
+    // The aggregator goes away.
+    stack.links[0].set(LinkMode::Refuse);
+    let get = GetHitsRequest {
+        key: "/cb/1".into(),
+        window_seconds: 60,
+        at_ms: 0,
+    };
+    let mut codes = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = query
+            .get_hits(get.clone())
+            .await
+            .expect_err("the aggregator is cut off");
+        codes.push(status.code());
+        if status.message().contains("circuit open") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "query's breaker never opened: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(codes.iter().all(|c| *c == Code::Unavailable), "{codes:?}");
+    let started = tokio::time::Instant::now();
+    let status = query.get_hits(get.clone()).await.expect_err("open");
+    println!(
+        "a GetHits with the breaker open failed in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(status.message(), "aggregator unavailable: circuit open");
+    let metrics = scrape(stack.query.metrics_addr).await?;
+    assert_eq!(
+        metric_value(&metrics, "hitcounter_query_breaker_state", &["shard=\"0\""]),
+        Some(2.0),
+        "breaker state metric"
+    );
+
+    // Ingest keeps accepting into its buffer meanwhile, and its own breaker opens.
+    for b in 1..=5 {
+        ingest.record_hits(batch(b * 100)).await?;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "ingest's breaker to open",
+        || async {
+            let metrics = scrape(stack.ingest.metrics_addr).await.ok()?;
+            let state = metric_value(
+                &metrics,
+                "hitcounter_ingest_breaker_state",
+                &["shard=\"0\""],
+            )?;
+            (state == 2.0).then_some(())
+        },
+    )
+    .await?;
+
+    // It comes back: breakers close, the backlog drains, counts are exact.
+    stack.links[0].set(LinkMode::Pass);
+    until_total(&query, "/cb", 600, Duration::from_secs(20)).await;
+    eventually(Duration::from_secs(5), "both breakers to close", || async {
+        let q = scrape(stack.query.metrics_addr).await.ok()?;
+        let i = scrape(stack.ingest.metrics_addr).await.ok()?;
+        let q = metric_value(&q, "hitcounter_query_breaker_state", &["shard=\"0\""])?;
+        let i = metric_value(&i, "hitcounter_ingest_breaker_state", &["shard=\"0\""])?;
+        (q == 0.0 && i == 0.0).then_some(())
+    })
+    .await?;
+    assert_eq!(total(&mut query, "/cb").await?, 600);
+    stack.stop().await.map_err(anyhow::Error::msg)
+}
+
+#[tokio::test]
+async fn a_clean_stop_drains_every_acknowledged_hit() -> anyhow::Result<()> {
+    let stack = Stack::start().await?;
+    let (mut ingest, mut query) = (stack.ingest_client().await?, stack.query_client().await?);
+    let now = now_ms();
+    // Hold the hits inside ingest's pipeline, then ask it to stop.
+    stack.links[0].set(LinkMode::Pause);
+    let mut acked = 0;
+    for b in 0..10u64 {
+        let hits = (b * 100..b * 100 + 100)
+            .map(|i| spread_hit("/drain", i, now))
+            .collect();
+        acked += ingest
+            .record_hits(RecordHitsRequest {
+                hits,
+                batch_id: String::new(),
+            })
+            .await?
+            .into_inner()
+            .accepted;
+    }
+    stack.ingest.shutdown.cancel();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !stack.ingest.task.is_finished(),
+        "ingest stopped before delivering its backlog"
+    );
+    stack.links[0].set(LinkMode::Pass);
+    let served = tokio::time::timeout(Duration::from_secs(20), stack.ingest.task).await??;
+    assert_eq!(served, Ok(()));
+    assert_eq!(
+        total(&mut query, "/drain").await?,
+        acked,
+        "counted right after ingest returned"
+    );
+    stack.query.stop().await.map_err(anyhow::Error::msg)?;
+    for aggregator in stack.aggregators {
+        aggregator.stop().await.map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
