@@ -25,7 +25,6 @@ use std::sync::Arc;
 use hitcounter_proto::aggregator::v1::aggregator_server::AggregatorServer;
 use hitcounter_telemetry::{CancellationToken, Listeners};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::Instrument;
 
 pub use config::Config;
@@ -92,7 +91,7 @@ pub async fn serve(
                 .max_encoding_message_size(max_message),
         )
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            hitcounter_telemetry::grpc_incoming(listeners.grpc),
             shutdown.clone().cancelled_owned(),
         );
     health

@@ -31,7 +31,6 @@ mod stages;
 use hitcounter_proto::v1::ingest_server::IngestServer;
 use hitcounter_telemetry::{CancellationToken, Listeners};
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::Instrument;
 
 pub use config::Config;
@@ -140,7 +139,7 @@ pub async fn serve(
                 .max_encoding_message_size(max_message),
         )
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            hitcounter_telemetry::grpc_incoming(listeners.grpc),
             shutdown.clone().cancelled_owned(),
         );
     health.set_serving::<IngestServer<IngestService>>().await;

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use hitcounter_proto::v1::query_server::QueryServer;
 use hitcounter_telemetry::{CancellationToken, Listeners};
 use tokio::sync::Semaphore;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::Instrument;
 
 pub use config::Config;
@@ -80,7 +79,7 @@ pub async fn serve(
                 .max_encoding_message_size(max_message),
         )
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.grpc),
+            hitcounter_telemetry::grpc_incoming(listeners.grpc),
             shutdown.clone().cancelled_owned(),
         );
     health.set_serving::<QueryServer<QueryService>>().await;
