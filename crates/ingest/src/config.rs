@@ -58,7 +58,12 @@ pub struct Config {
     pub forward_concurrency: usize,
 
     /// How long a non-empty batch_id is remembered for deduplication, in seconds (at least 600).
-    #[arg(long, env = "HITCOUNTER_DEDUP_HORIZON_SECONDS", default_value_t = 600)]
+    #[arg(
+        long,
+        env = "HITCOUNTER_DEDUP_HORIZON_SECONDS",
+        default_value_t = 600,
+        value_parser = clap::value_parser!(u64).range(600..)
+    )]
     pub dedup_horizon_seconds: u64,
 
     /// Most batch ids remembered at once. When full, batches with a new batch_id get
@@ -93,6 +98,6 @@ impl Config {
     }
 
     pub(crate) fn dedup_horizon(&self) -> Duration {
-        Duration::from_secs(self.dedup_horizon_seconds.max(600))
+        Duration::from_secs(self.dedup_horizon_seconds)
     }
 }

@@ -20,7 +20,8 @@ pub use tokio_util::sync::CancellationToken;
 /// own `Config`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServiceArgs {
-    /// Address of the Prometheus `/metrics` HTTP endpoint; `off` disables it.
+    /// Address of the Prometheus `/metrics` HTTP endpoint (default `0.0.0.0:9101` for ingest,
+    /// `:9102` for the aggregator, `:9103` for query); `off` disables it.
     #[arg(long, env = "HITCOUNTER_METRICS_LISTEN", value_parser = parse_optional_addr)]
     pub metrics_listen: Option<OptionalAddr>,
 
