@@ -1,19 +1,19 @@
-# The hitcounter image: the three service binaries in one image; compose picks the command.
+# The hitcounter image: the three service binaries and `hitctl` in one image; compose picks the
+# command.
 # Multi-stage: build in the official Rust image, run in slim Debian as a non-root user.
 # (Tests on machines without a registry build a local image instead: tests/compose/.)
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bins \
+RUN cargo build --release --locked --bins \
  && mkdir -p /out \
  && cp target/release/hitcounter-ingest target/release/hitcounter-aggregator \
-       target/release/hitcounter-query /out/
+       target/release/hitcounter-query target/release/hitctl /out/
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --home-dir /var/lib/hitcounter --create-home hitcounter
+RUN useradd --system --uid 10001 --home-dir /var/lib/hitcounter --create-home hitcounter \
+ && mkdir -p /var/lib/hitcounter/data && chown hitcounter /var/lib/hitcounter/data
 COPY --from=build /out/ /usr/local/bin/
 USER hitcounter
 WORKDIR /var/lib/hitcounter
