@@ -146,6 +146,11 @@ pub struct StackOptions {
     pub query: Vec<&'static str>,
 }
 
+// Metrics live in one process-wide recorder, so two stacks in one process would overwrite each
+// other's gauges. nextest runs every test in its own process; under plain `cargo test` the tests
+// of one binary share a process, and this lock makes their stacks take turns.
+static ONE_STACK_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The three services wired together, with a [`LinkProxy`] in front of each aggregator.
 pub struct Stack {
     /// The aggregator shards.
@@ -156,6 +161,7 @@ pub struct Stack {
     pub ingest: Running,
     /// Query.
     pub query: Running,
+    _turn: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl Stack {
@@ -167,6 +173,7 @@ impl Stack {
     /// Starts the stack with `options`.
     pub async fn start_with(options: StackOptions) -> anyhow::Result<Self> {
         init_logging();
+        let turn = ONE_STACK_AT_A_TIME.lock().await;
         let mut aggregators = Vec::new();
         let mut links = Vec::new();
         for _ in 0..options.shards.max(1) {
@@ -182,6 +189,7 @@ impl Stack {
             links,
             ingest,
             query,
+            _turn: turn,
         })
     }
 

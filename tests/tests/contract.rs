@@ -108,17 +108,33 @@ async fn record_hit_defaults_and_get_hits_echo() -> anyhow::Result<()> {
     assert_eq!(response.key, "/home");
     assert_eq!(response.window_seconds, 300);
     assert!(response.at_ms >= before && response.at_ms <= now_ms() + 1);
+    let past = now_ms() - 100_000;
     let explicit = query
         .get_hits(GetHitsRequest {
             key: "/home".into(),
             window_seconds: 7,
-            at_ms: 1_000_000,
+            at_ms: past,
         })
         .await?
         .into_inner();
     assert_eq!(
         (explicit.window_seconds, explicit.at_ms, explicit.count),
-        (7, 1_000_000, 0)
+        (7, past, 0)
+    );
+    // A window reaching back before the retained history would be partial: rejected.
+    let status = query
+        .get_hits(GetHitsRequest {
+            key: "/home".into(),
+            window_seconds: 300,
+            at_ms: 1_000_000,
+        })
+        .await
+        .expect_err("window before retention");
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("retained history"),
+        "{}",
+        status.message()
     );
 
     // Unknown keys count 0.
@@ -587,6 +603,16 @@ async fn every_validation_rule_rejects_the_whole_request() -> anyhow::Result<()>
                 step_seconds: 1,
             },
             "10001 points",
+        ),
+        (
+            // Must not overflow the point arithmetic.
+            GetSeriesRequest {
+                key: "/p".into(),
+                from_ms: 0,
+                to_ms: i64::MAX,
+                step_seconds: 1,
+            },
+            "points",
         ),
     ];
     for (request, message) in bad_series {

@@ -227,6 +227,17 @@ async fn the_breaker_opens_fails_fast_and_recovers_with_exact_counts() -> anyhow
     ingest.record_hits(batch(0)).await?;
     until_total(&query, "/cb", 100, Duration::from_secs(1)).await;
 
+    // A watch opened before the outage lives through it.
+    let mut watch = query
+        .watch_hits(hitcounter_proto::v1::WatchHitsRequest {
+            key: "/cb/7".into(),
+            window_seconds: 3600,
+            interval_ms: 100,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(watch.message().await?.map(|u| u.count), Some(1));
+
     // The aggregator goes away.
     stack.links[0].set(LinkMode::Refuse);
     let get = GetHitsRequest {
@@ -298,6 +309,16 @@ async fn the_breaker_opens_fails_fast_and_recovers_with_exact_counts() -> anyhow
     })
     .await?;
     assert_eq!(total(&mut query, "/cb").await?, 600);
+    // /cb/7 got one hit per 100-hit batch: the watch sees all six, without having ended.
+    loop {
+        let update = watch
+            .message()
+            .await?
+            .expect("the watch ended during the outage");
+        if update.count == 6 {
+            break;
+        }
+    }
     stack.stop().await.map_err(anyhow::Error::msg)
 }
 

@@ -64,6 +64,18 @@ impl AppliedBatches {
     }
 }
 
+impl AppliedBatches {
+    /// Forgets (producer, seq), for a batch that was marked but could not be applied.
+    pub(crate) fn forget(&self, producer: u64, seq: u64) {
+        let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(recent) = producers.get_mut(&producer) {
+            if recent.seen.remove(&seq) {
+                recent.order.retain(|s| *s != seq);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

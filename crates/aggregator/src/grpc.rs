@@ -63,7 +63,14 @@ async fn apply_batch(
             dropped: 0,
         });
     }
-    let dropped = owners.apply(batch.deltas).await?;
+    let dropped = match owners.apply(batch.deltas).await {
+        Ok(dropped) => dropped,
+        Err(error) => {
+            // Not applied: a resend must not be taken for a duplicate.
+            applied.forget(batch.producer_id, batch.seq);
+            return Err(error);
+        }
+    };
     metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "applied").increment(1);
     Ok(ApplyResponse {
         seq: batch.seq,

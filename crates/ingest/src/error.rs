@@ -14,6 +14,9 @@ pub enum IngestError {
     /// The batch-id ledger is full of ids younger than the dedup horizon.
     #[error("too many distinct batch ids in the dedup horizon; nothing of this request was counted, retry later or send without batch_id")]
     LedgerFull,
+    /// Another call with the same batch id is still being recorded.
+    #[error("another call with this batch_id is still being recorded; retry to learn its outcome")]
+    BatchInFlight,
     /// The pipeline is shutting down.
     #[error("ingest is shutting down; retry on another instance")]
     ShuttingDown,
@@ -32,6 +35,7 @@ impl IngestError {
             IngestError::Invalid(error) => error.reason(),
             IngestError::BufferFull => "buffer_full",
             IngestError::LedgerFull => "ledger_full",
+            IngestError::BatchInFlight => "batch_in_flight",
             IngestError::ShuttingDown => "shutting_down",
             IngestError::StageStopped(_) | IngestError::Startup(_) => "internal",
         }
@@ -45,6 +49,7 @@ impl From<IngestError> for Status {
             IngestError::BufferFull | IngestError::LedgerFull => {
                 Status::resource_exhausted(error.to_string())
             }
+            IngestError::BatchInFlight => Status::aborted(error.to_string()),
             IngestError::ShuttingDown | IngestError::StageStopped(_) => {
                 Status::unavailable(error.to_string())
             }

@@ -76,7 +76,15 @@ impl IngestService {
             let claim = if batch_id.is_empty() {
                 None
             } else {
-                match self.ledger.claim(&batch_id).await {
+                let claim = match wait {
+                    Wait::AtMost(timeout) => {
+                        tokio::time::timeout(timeout, self.ledger.claim(&batch_id))
+                            .await
+                            .map_err(|_| IngestError::BatchInFlight)?
+                    }
+                    Wait::UntilRoom => self.ledger.claim(&batch_id).await,
+                };
+                match claim {
                     Ok(Claim::Duplicate(accepted)) => {
                         metrics::counter!("hitcounter_ingest_duplicate_batches_total").increment(1);
                         return Ok(RecordHitsResponse {

@@ -39,9 +39,10 @@ pub(crate) struct BatchLedger {
 
 #[derive(Default)]
 struct State {
-    entries: HashMap<String, Entry>,
+    // The id is stored once, shared by the map and the expiry queue.
+    entries: HashMap<Arc<str>, Entry>,
     // Completed ids in completion order, for expiry.
-    expiry: VecDeque<(Instant, String)>,
+    expiry: VecDeque<(Instant, Arc<str>)>,
 }
 
 enum Entry {
@@ -87,10 +88,11 @@ impl BatchLedger {
                             return Err(LedgerFull);
                         }
                         let (tx, rx) = watch::channel(None);
-                        state.entries.insert(id.to_owned(), Entry::Pending(rx));
+                        let id: Arc<str> = Arc::from(id);
+                        state.entries.insert(Arc::clone(&id), Entry::Pending(rx));
                         return Ok(Claim::New(ClaimGuard {
                             ledger: Arc::clone(self),
-                            id: Some(id.to_owned()),
+                            id: Some(id),
                             tx,
                         }));
                     }
@@ -105,7 +107,7 @@ impl BatchLedger {
 /// Held by the first claimant of an id until its batch is counted.
 pub(crate) struct ClaimGuard {
     ledger: Arc<BatchLedger>,
-    id: Option<String>,
+    id: Option<Arc<str>>,
     tx: watch::Sender<Option<u64>>,
 }
 
@@ -114,7 +116,7 @@ impl ClaimGuard {
     pub(crate) fn complete(mut self, accepted: u64) {
         if let Some(id) = self.id.take() {
             let mut state = self.ledger.lock();
-            state.entries.insert(id.clone(), Entry::Done(accepted));
+            state.entries.insert(Arc::clone(&id), Entry::Done(accepted));
             state.expiry.push_back((Instant::now(), id));
         }
         let _ = self.tx.send(Some(accepted));

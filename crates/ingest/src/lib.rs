@@ -85,7 +85,9 @@ pub async fn serve(
         let (tx, rx) = hitcounter_pipeline::channel(name, config.forward_channel_capacity);
         let forwarder = Forwarder {
             shard,
-            producer_id,
+            // Sequence numbers count per shard, so each shard's stream is its own producer:
+            // two shard addresses that reach the same aggregator must not look like resends.
+            producer_id: producer_id.wrapping_add(shard as u64),
             stack,
             concurrency: config.forward_concurrency,
             abandon: abandon.clone(),

@@ -154,6 +154,22 @@ impl<T> StageSender<T> {
         }
     }
 
+    /// Sends `item` only if there is room now.
+    ///
+    /// # Errors
+    /// [`SendError::Full`] (with a zero wait) or [`SendError::Closed`]; the item comes back.
+    pub fn try_send(&self, item: T) -> Result<(), SendError<T>> {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(permit) => self.enqueue(item, permit),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Err(SendError::Full {
+                item,
+                channel: self.name,
+                waited: Duration::ZERO,
+            }),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(self.closed(item)),
+        }
+    }
+
     fn clamp(&self, weight: usize) -> u32 {
         weight
             .clamp(1, self.capacity)

@@ -97,10 +97,26 @@ impl QueryService {
         Ok(window)
     }
 
+    /// Rejects a window that reaches back before the retained history: its oldest seconds are
+    /// already evicted, so the count would be silently partial instead of exact.
+    fn check_retained(&self, window: u32, at_ms: i64) -> Result<(), QueryError> {
+        let oldest_retained = now_ms().div_euclid(1000) - i64::from(self.retention_seconds);
+        let end = at_ms.div_euclid(1000);
+        if end - i64::from(window) < oldest_retained {
+            return Err(invalid(format!(
+                "the window of {window} s ending at at_ms {at_ms} reaches back {} s before the retained history (the last {} s): move at_ms later or shorten the window",
+                oldest_retained - (end - i64::from(window)),
+                self.retention_seconds
+            )));
+        }
+        Ok(())
+    }
+
     async fn get_hits_inner(&self, request: GetHitsRequest) -> Result<GetHitsResponse, QueryError> {
         check_key(&request.key)?;
         let window = self.window(request.window_seconds)?;
         let at_ms = check_at(request.at_ms)?;
+        self.check_retained(window, at_ms)?;
         let counts = self
             .shards
             .count(
@@ -150,6 +166,7 @@ impl Query for QueryService {
             }
             let window = self.window(request.window_seconds)?;
             let at_ms = check_at(request.at_ms)?;
+            self.check_retained(window, at_ms)?;
             let counts = self
                 .shards
                 .count(&request.keys, at_ms.div_euclid(1000), window)
@@ -189,7 +206,8 @@ impl Query for QueryService {
             let step_ms = i64::from(step) * 1000;
             let start_ms = from.div_euclid(step_ms) * step_ms;
             // Points start at start_ms, start_ms + step_ms, … while the start is before `to`.
-            let points = (to - start_ms + step_ms - 1) / step_ms;
+            // (Written so it cannot overflow: 0 <= start_ms <= from < to.)
+            let points = (to - start_ms - 1) / step_ms + 1;
             if points > MAX_SERIES_POINTS {
                 return Err(invalid(format!(
                     "the range holds {points} points of {step} s; the limit is {MAX_SERIES_POINTS}: raise step_seconds or narrow the range"
@@ -226,6 +244,7 @@ impl Query for QueryService {
             let request = request.into_inner();
             let window = self.window(request.window_seconds)?;
             let at_ms = check_at(request.at_ms)?;
+            self.check_retained(window, at_ms)?;
             let limit = match request.limit {
                 0 => DEFAULT_TOP_LIMIT,
                 l => l.min(MAX_TOP_LIMIT),
@@ -297,16 +316,29 @@ impl Query for QueryService {
                             window_seconds: window,
                             at_ms: 0,
                         })
-                        .await
-                        .map_err(Status::from);
-                    let failed = update.is_err();
-                    let sent = tokio::select! {
-                        _ = service.shutdown.cancelled() => break,
-                        sent = updates_tx.send(update) => sent,
+                        .await;
+                    let update = match update {
+                        Ok(update) => update,
+                        // The watch lives until the client cancels: an aggregator outage skips
+                        // updates (and is counted) rather than ending every open watch.
+                        Err(QueryError::Aggregator(error)) => {
+                            tracing::debug!(%error, "watch update skipped");
+                            metrics::counter!("hitcounter_query_watch_skipped_updates_total", "reason" => "aggregator").increment(1);
+                            continue;
+                        }
+                        Err(error) => {
+                            let _ = updates_tx.try_send(Err(Status::from(error)));
+                            break;
+                        }
                     };
-                    // A send error means the client went away.
-                    if sent.is_err() || failed {
-                        break;
+                    match updates_tx.try_send(Ok(update)) {
+                        Ok(()) => {}
+                        // A slow reader skips updates instead of queueing stale ones.
+                        Err(hitcounter_pipeline::SendError::Full { .. }) => {
+                            metrics::counter!("hitcounter_query_watch_skipped_updates_total", "reason" => "slow_reader").increment(1);
+                        }
+                        // The client went away.
+                        Err(hitcounter_pipeline::SendError::Closed { .. }) => break,
                     }
                 }
                 open_watches.decrement(1.0);

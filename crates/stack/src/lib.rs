@@ -83,6 +83,18 @@ impl ClientArgs {
                 reason: "no aggregator address given".into(),
             });
         }
+        let mut seen = std::collections::HashSet::new();
+        let normal = |a: &str| {
+            a.trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_owned()
+        };
+        if let Some(twice) = self.aggregators.iter().find(|a| !seen.insert(normal(a))) {
+            return Err(StackError::BadAddress {
+                address: twice.clone(),
+                reason: "listed twice: every shard needs its own aggregator".into(),
+            });
+        }
         self.aggregators
             .iter()
             .map(|address| {
@@ -105,5 +117,29 @@ impl ClientArgs {
                     .connect_lazy())
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        client: ClientArgs,
+    }
+
+    #[tokio::test]
+    async fn each_shard_needs_its_own_address() {
+        let cli = Cli::parse_from(["t", "--aggregator", "http://a:1,http://b:1/,c:1"]);
+        assert!(cli.client.channels().is_ok());
+        let cli = Cli::parse_from(["t", "--aggregator", "http://a:1,a:1/"]);
+        let error = cli.client.channels().expect_err("duplicate");
+        assert!(error.to_string().contains("listed twice"), "{error}");
+        let cli = Cli::parse_from(["t", "--aggregator", "not a uri"]);
+        assert!(cli.client.channels().is_err());
     }
 }

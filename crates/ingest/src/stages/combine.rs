@@ -45,9 +45,10 @@ pub(crate) async fn run(
         hits_in.increment(batch.len() as u64);
         merge(&mut pending, batch);
         let deadline = Instant::now() + settings.interval;
-        while pending.len() < max_deltas {
+        // The deadline is checked on every turn: with input always ready, `select!` alone could
+        // keep taking batches and never see the timer fire.
+        while pending.len() < max_deltas && Instant::now() < deadline {
             tokio::select! {
-                biased;
                 next = hits.recv() => match next {
                     Some(batch) => {
                         hits_in.increment(batch.len() as u64);

@@ -80,6 +80,17 @@ impl Forwarder {
             let result = self.stack.clone().oneshot(Arc::clone(&batch)).await;
             match result {
                 Ok(ack) => {
+                    if ack.duplicate && attempt == 1 {
+                        // A first attempt can only be a duplicate if another producer shares
+                        // our id: that would silently drop hits, so say it loudly.
+                        tracing::error!(
+                            shard = self.shard,
+                            seq,
+                            "aggregator reported a first delivery as a duplicate"
+                        );
+                        metrics::counter!("hitcounter_ingest_unexpected_duplicates_total")
+                            .increment(1);
+                    }
                     metrics::counter!("hitcounter_ingest_forwarded_hits_total", "shard" => shard.clone())
                         .increment(hits);
                     if ack.dropped > 0 {
