@@ -9,6 +9,7 @@ use prost::Message;
 const PROTOS: &[&str] = &[
     "hitcounter/v1/hitcounter.proto",
     "hitcounter/aggregator/v1/aggregator.proto",
+    "hitcounter/aggregator/v1/checkpoint.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

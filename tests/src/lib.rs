@@ -28,6 +28,8 @@ pub struct Running {
     pub shutdown: CancellationToken,
     /// Resolves when `serve` returns.
     pub task: JoinHandle<Result<(), String>>,
+    /// The service's data directory, when the harness made a temporary one (deleted on drop).
+    pub data_dir: Option<tempfile::TempDir>,
 }
 
 impl Running {
@@ -51,11 +53,21 @@ fn addrs(listeners: &Listeners) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     Ok((listeners.grpc.local_addr()?, metrics))
 }
 
-/// Starts an aggregator with extra command-line `args`.
+/// Starts an aggregator with extra command-line `args`, in a fresh temporary data directory
+/// unless `args` name one.
 pub async fn start_aggregator(args: &[&str]) -> anyhow::Result<Running> {
-    let config = hitcounter_aggregator::Config::try_parse_from(
-        ["hitcounter-aggregator"].iter().chain(args.iter()),
-    )?;
+    let temp = if args.contains(&"--data-dir") {
+        None
+    } else {
+        Some(tempfile::tempdir()?)
+    };
+    let dir = temp.as_ref().map(|t| t.path().display().to_string());
+    let mut all = vec!["hitcounter-aggregator"];
+    if let Some(dir) = &dir {
+        all.extend(["--data-dir", dir]);
+    }
+    all.extend_from_slice(args);
+    let config = hitcounter_aggregator::Config::try_parse_from(all)?;
     let listeners = listeners().await?;
     let (addr, metrics_addr) = addrs(&listeners)?;
     let shutdown = CancellationToken::new();
@@ -72,6 +84,7 @@ pub async fn start_aggregator(args: &[&str]) -> anyhow::Result<Running> {
         metrics_addr,
         shutdown,
         task,
+        data_dir: temp,
     })
 }
 
@@ -97,6 +110,7 @@ pub async fn start_ingest(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::
         metrics_addr,
         shutdown,
         task,
+        data_dir: None,
     })
 }
 
@@ -122,6 +136,7 @@ pub async fn start_query(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::R
         metrics_addr,
         shutdown,
         task,
+        data_dir: None,
     })
 }
 

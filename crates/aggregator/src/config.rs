@@ -13,7 +13,7 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_LISTEN", default_value = "0.0.0.0:50052")]
     pub listen: SocketAddr,
 
-    /// Directory for the aggregator's state (reserved for checkpoints; nothing is written yet).
+    /// Directory for the aggregator's checkpoints (created if missing).
     #[arg(long, env = "HITCOUNTER_DATA_DIR", default_value = "data/aggregator")]
     pub data_dir: PathBuf,
 
@@ -36,9 +36,21 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_MAX_KEYS", default_value_t = 10_000_000)]
     pub max_keys: usize,
 
-    /// Batch sequence numbers remembered per ingest forwarder, so a resent batch applies once.
+    /// Batches of one ingest forwarder applied out of order (above a gap) that are remembered;
+    /// with the "applied through N" watermark this makes a resent batch apply once.
     #[arg(long, env = "HITCOUNTER_DEDUP_WINDOW", default_value_t = 65_536)]
     pub dedup_window: usize,
+
+    /// How often the window state is written to a checkpoint in the data directory, in
+    /// milliseconds. Ingest keeps its log until a checkpoint covers it, so this bounds how much
+    /// is replayed after a crash of the aggregator. 0 disables checkpoints (state is then lost on
+    /// restart).
+    #[arg(
+        long,
+        env = "HITCOUNTER_CHECKPOINT_INTERVAL_MS",
+        default_value_t = 2000
+    )]
+    pub checkpoint_interval_ms: u64,
 
     /// Most ingest forwarders tracked for deduplication; the least recently seen is forgotten.
     #[arg(long, env = "HITCOUNTER_MAX_PRODUCERS", default_value_t = 4096)]

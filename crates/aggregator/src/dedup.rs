@@ -1,77 +1,146 @@
-//! Remembers which (producer, sequence) batches were applied, so a batch that ingest resends
-//! after a timeout or a broken stream is applied once.
+//! Remembers which (producer, seq) batches are applied, so that a batch ingest resends (after a
+//! timeout, a broken stream, its own restart or ours) is applied exactly once.
 //!
-//! Ingest's forwarder never has more than a few batches unacknowledged, and a resend always
-//! concerns one of those, so remembering the last `window` sequence numbers per producer is
-//! enough. Both dimensions are bounded: `window` sequences per producer, `max_producers`
-//! producers (the least recently seen is forgotten).
+//! A producer numbers its batches 1, 2, 3, … without gaps, so its progress is a watermark
+//! `through` (every seq <= it is applied) plus the few seqs applied above it while an earlier one
+//! is still in flight. That state is small, is what checkpoints store, and is what the aggregator
+//! reports back as "durable through" so ingest can trim its log.
+//!
+//! Bounded: at most `max_above` seqs above the watermark per producer (a gap that never fills is
+//! given up on, loudly) and at most `max_producers` producers (the least recently seen is
+//! forgotten).
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::Mutex;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Mutex, MutexGuard};
 
-/// Bounded memory of applied batches.
-pub(crate) struct AppliedBatches {
-    producers: Mutex<HashMap<u64, Recent>>,
-    window: usize,
-    max_producers: usize,
+/// The progress of one producer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Progress {
+    /// Every seq <= `through` is applied.
+    pub(crate) through: u64,
+    /// Applied seqs above `through + 1`.
+    pub(crate) above: BTreeSet<u64>,
 }
 
-struct Recent {
-    seen: HashSet<u64>,
-    order: VecDeque<u64>,
+impl Progress {
+    fn contains(&self, seq: u64) -> bool {
+        seq <= self.through || self.above.contains(&seq)
+    }
+
+    fn insert(&mut self, seq: u64) {
+        self.above.insert(seq);
+        while self.above.first() == Some(&(self.through + 1)) {
+            self.above.pop_first();
+            self.through += 1;
+        }
+    }
+}
+
+struct Entry {
+    progress: Progress,
     last_used: u64,
 }
 
+/// Bounded memory of applied batches.
+pub(crate) struct AppliedBatches {
+    producers: Mutex<HashMap<u64, Entry>>,
+    max_above: usize,
+    max_producers: usize,
+}
+
 impl AppliedBatches {
-    pub(crate) fn new(window: usize, max_producers: usize) -> Self {
+    pub(crate) fn new(max_above: usize, max_producers: usize) -> Self {
         Self {
             producers: Mutex::new(HashMap::new()),
-            window: window.max(1),
+            max_above: max_above.max(1),
             max_producers: max_producers.max(1),
         }
     }
 
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
+        // Updates are single steps on plain maps; a poisoned lock leaves them usable.
+        self.producers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Marks (producer, seq) as applied; false when it already was (a resend).
     pub(crate) fn first_time(&self, producer: u64, seq: u64, tick: u64) -> bool {
-        // A poisoned lock only means another thread panicked mid-update of this bookkeeping;
-        // the sets are still consistent enough to use.
-        let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut producers = self.lock();
         if !producers.contains_key(&producer) && producers.len() >= self.max_producers {
             if let Some(oldest) = producers
                 .iter()
-                .min_by_key(|(_, r)| r.last_used)
+                .min_by_key(|(_, e)| e.last_used)
                 .map(|(p, _)| *p)
             {
+                tracing::warn!(
+                    producer = oldest,
+                    "forgetting the least recently seen producer"
+                );
                 producers.remove(&oldest);
             }
         }
-        let recent = producers.entry(producer).or_insert_with(|| Recent {
-            seen: HashSet::new(),
-            order: VecDeque::new(),
+        let entry = producers.entry(producer).or_insert_with(|| Entry {
+            progress: Progress::default(),
             last_used: tick,
         });
-        recent.last_used = tick;
-        if !recent.seen.insert(seq) {
+        entry.last_used = tick;
+        let progress = &mut entry.progress;
+        if progress.contains(seq) {
             return false;
         }
-        recent.order.push_back(seq);
-        if recent.order.len() > self.window {
-            if let Some(old) = recent.order.pop_front() {
-                recent.seen.remove(&old);
+        progress.insert(seq);
+        if progress.above.len() > self.max_above {
+            // A gap that stays open this long means a batch the producer will never resend.
+            // Move past it so memory stays bounded; a late resend of it would now be ignored.
+            if let Some(&first) = progress.above.first() {
+                tracing::error!(
+                    producer,
+                    missing_from = progress.through + 1,
+                    missing_to = first - 1,
+                    "giving up on batches that never arrived"
+                );
+                progress.through = first - 1;
+                progress.insert(first);
             }
         }
         true
     }
-}
 
-impl AppliedBatches {
-    /// Forgets (producer, seq), for a batch that was marked but could not be applied.
+    /// Unmarks (producer, seq), for a batch that was marked but could not be applied.
     pub(crate) fn forget(&self, producer: u64, seq: u64) {
-        let mut producers = self.producers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(recent) = producers.get_mut(&producer) {
-            if recent.seen.remove(&seq) {
-                recent.order.retain(|s| *s != seq);
-            }
+        let mut producers = self.lock();
+        let Some(entry) = producers.get_mut(&producer) else {
+            return;
+        };
+        let progress = &mut entry.progress;
+        if seq > progress.through {
+            progress.above.remove(&seq);
+        } else if seq > 0 {
+            // The watermark passed it: lower the watermark below it, keep what was above.
+            progress.above.extend(seq + 1..=progress.through);
+            progress.through = seq - 1;
+        }
+    }
+
+    /// A copy of every producer's progress, for a checkpoint.
+    pub(crate) fn snapshot(&self) -> Vec<(u64, Progress)> {
+        self.lock()
+            .iter()
+            .map(|(producer, entry)| (*producer, entry.progress.clone()))
+            .collect()
+    }
+
+    /// Replaces all progress with what a checkpoint recorded.
+    pub(crate) fn restore(&self, progress: Vec<(u64, Progress)>) {
+        let mut producers = self.lock();
+        producers.clear();
+        for (producer, progress) in progress {
+            producers.insert(
+                producer,
+                Entry {
+                    progress,
+                    last_used: 0,
+                },
+            );
         }
     }
 }
@@ -81,18 +150,67 @@ mod tests {
     use super::*;
 
     #[test]
-    fn resends_are_detected_within_the_window() {
-        let applied = AppliedBatches::new(3, 2);
-        assert!(applied.first_time(1, 10, 0));
-        assert!(!applied.first_time(1, 10, 1));
-        assert!(applied.first_time(2, 10, 2), "producers are independent");
-        for seq in 11..14 {
-            assert!(applied.first_time(1, seq, 3));
+    fn resends_are_detected_in_and_out_of_order() {
+        let applied = AppliedBatches::new(100, 10);
+        assert!(applied.first_time(1, 1, 0));
+        assert!(applied.first_time(1, 3, 0));
+        assert!(!applied.first_time(1, 1, 0));
+        assert!(!applied.first_time(1, 3, 0));
+        assert!(applied.first_time(2, 1, 0), "producers are independent");
+        assert!(applied.first_time(1, 2, 0));
+        let snapshot: HashMap<_, _> = applied.snapshot().into_iter().collect();
+        assert_eq!(
+            snapshot[&1],
+            Progress {
+                through: 3,
+                above: BTreeSet::new()
+            }
+        );
+        assert!(!applied.first_time(1, 2, 0));
+    }
+
+    #[test]
+    fn forget_undoes_a_mark_even_below_the_watermark() {
+        let applied = AppliedBatches::new(100, 10);
+        for seq in 1..=3 {
+            assert!(applied.first_time(7, seq, 0));
         }
-        // 10 fell out of producer 1's window of 3.
-        assert!(applied.first_time(1, 10, 4));
-        // A third producer evicts the least recently used one (2).
-        assert!(applied.first_time(3, 1, 5));
-        assert!(applied.first_time(2, 10, 6));
+        applied.forget(7, 2);
+        assert!(applied.first_time(7, 2, 0), "2 can be applied again");
+        assert!(!applied.first_time(7, 3, 0), "3 is still applied");
+        applied.forget(7, 9);
+        assert!(applied.first_time(7, 4, 0));
+    }
+
+    #[test]
+    fn bounded_gaps_and_producers() {
+        let applied = AppliedBatches::new(2, 2);
+        // Seq 1 never arrives; after more than 2 seqs above the gap it is given up.
+        for seq in 2..=4 {
+            assert!(applied.first_time(1, seq, 0));
+        }
+        let snapshot: HashMap<_, _> = applied.snapshot().into_iter().collect();
+        assert_eq!(snapshot[&1].through, 4);
+        // A third producer evicts the least recently used one.
+        assert!(applied.first_time(2, 1, 1));
+        assert!(applied.first_time(3, 1, 2));
+        assert!(applied.first_time(1, 1, 3), "producer 1 was forgotten");
+    }
+
+    #[test]
+    fn restore_replaces_progress() {
+        let applied = AppliedBatches::new(100, 10);
+        applied.first_time(5, 1, 0);
+        applied.restore(vec![(
+            9,
+            Progress {
+                through: 10,
+                above: [12].into(),
+            },
+        )]);
+        assert!(applied.first_time(5, 1, 0), "5 was not in the checkpoint");
+        assert!(!applied.first_time(9, 10, 0));
+        assert!(!applied.first_time(9, 12, 0));
+        assert!(applied.first_time(9, 11, 0));
     }
 }

@@ -11,6 +11,9 @@ pub enum AggregatorError {
     /// A request is malformed.
     #[error("{0}")]
     InvalidArgument(String),
+    /// A checkpoint could not be taken or written.
+    #[error("checkpoint failed: {0}")]
+    Checkpoint(String),
     /// The server could not be set up.
     #[error("cannot start the aggregator: {0}")]
     Startup(String),
@@ -21,7 +24,9 @@ impl From<AggregatorError> for Status {
         match error {
             AggregatorError::OwnerStopped => Status::unavailable(error.to_string()),
             AggregatorError::InvalidArgument(message) => Status::invalid_argument(message),
-            AggregatorError::Startup(_) => Status::internal(error.to_string()),
+            AggregatorError::Startup(_) | AggregatorError::Checkpoint(_) => {
+                Status::internal(error.to_string())
+            }
         }
     }
 }

@@ -4,7 +4,7 @@
 //! (producer, seq), applied through the owners, and acknowledged on the response stream. Reads
 //! (`Count`, `Series`, `Top`) fan out to the owners and fan in.
 
-use std::{pin::Pin, sync::Arc};
+use std::{collections::HashMap, pin::Pin, sync::Arc};
 
 use futures::{Stream, StreamExt};
 use hitcounter_proto::aggregator::v1::{
@@ -27,7 +27,7 @@ const MAX_TOP_LIMIT: u32 = 1000;
 /// Implements the aggregator's gRPC API.
 pub(crate) struct AggregatorService {
     pub(crate) owners: Owners,
-    pub(crate) applied: Arc<AppliedBatches>,
+    pub(crate) applier: Arc<Applier>,
     pub(crate) retention_seconds: u32,
     pub(crate) ack_capacity: usize,
     pub(crate) shutdown: CancellationToken,
@@ -47,36 +47,54 @@ impl AggregatorService {
     }
 }
 
-/// Applies one batch unless it is a resend; returns its ack.
-async fn apply_batch(
-    owners: &Owners,
-    applied: &AppliedBatches,
-    batch: ApplyRequest,
-) -> Result<ApplyResponse, AggregatorError> {
-    let tick = crate::clock::now_second() as u64;
-    if !applied.first_time(batch.producer_id, batch.seq, tick) {
-        metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "duplicate")
-            .increment(1);
-        return Ok(ApplyResponse {
-            seq: batch.seq,
-            duplicate: true,
-            dropped: 0,
-        });
+/// What applying a batch needs, shared by every apply stream and the snapshot stage.
+pub(crate) struct Applier {
+    pub(crate) owners: Owners,
+    pub(crate) applied: AppliedBatches,
+    /// Applies hold it shared; a checkpoint holds it exclusively for the instant it copies the
+    /// stores and the progress, so that the copy contains whole batches only.
+    pub(crate) gate: tokio::sync::RwLock<()>,
+    /// Per producer: every seq <= this is in the newest checkpoint on disk.
+    pub(crate) durable: std::sync::Mutex<HashMap<u64, u64>>,
+    /// Random per process: tells producers that we restarted.
+    pub(crate) incarnation: u64,
+}
+
+impl Applier {
+    fn durable_through(&self, producer: u64) -> u64 {
+        let durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
+        durable.get(&producer).copied().unwrap_or(0)
     }
-    let dropped = match owners.apply(batch.deltas).await {
-        Ok(dropped) => dropped,
-        Err(error) => {
-            // Not applied: a resend must not be taken for a duplicate.
-            applied.forget(batch.producer_id, batch.seq);
-            return Err(error);
+
+    /// Applies one batch unless it is a resend; returns its ack.
+    async fn apply(&self, batch: ApplyRequest) -> Result<ApplyResponse, AggregatorError> {
+        let _applying = self.gate.read().await;
+        let tick = crate::clock::now_second() as u64;
+        let (producer, seq) = (batch.producer_id, batch.seq);
+        let ack = |duplicate, dropped| ApplyResponse {
+            seq,
+            duplicate,
+            dropped,
+            durable_through: self.durable_through(producer),
+            incarnation: self.incarnation,
+        };
+        if !self.applied.first_time(producer, seq, tick) {
+            metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "duplicate")
+                .increment(1);
+            return Ok(ack(true, 0));
         }
-    };
-    metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "applied").increment(1);
-    Ok(ApplyResponse {
-        seq: batch.seq,
-        duplicate: false,
-        dropped,
-    })
+        let dropped = match self.owners.apply(batch.deltas).await {
+            Ok(dropped) => dropped,
+            Err(error) => {
+                // Not applied: a resend must not be taken for a duplicate.
+                self.applied.forget(producer, seq);
+                return Err(error);
+            }
+        };
+        metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "applied")
+            .increment(1);
+        Ok(ack(false, dropped))
+    }
 }
 
 #[tonic::async_trait]
@@ -90,8 +108,7 @@ impl Aggregator for AggregatorService {
         let mut batches = request.into_inner();
         let (acks_tx, acks_rx) =
             hitcounter_pipeline::channel("aggregator_apply_acks", self.ack_capacity);
-        let owners = self.owners.clone();
-        let applied = Arc::clone(&self.applied);
+        let applier = Arc::clone(&self.applier);
         let shutdown = self.shutdown.clone();
         tokio::spawn(
             async move {
@@ -111,9 +128,7 @@ impl Aggregator for AggregatorService {
                         }
                     };
                     let started = std::time::Instant::now();
-                    let ack = apply_batch(&owners, &applied, batch)
-                        .await
-                        .map_err(Status::from);
+                    let ack = applier.apply(batch).await.map_err(Status::from);
                     rpc::record("aggregator", "Apply", &ack, started);
                     let failed = ack.is_err();
                     // The ack channel is bounded: if the forwarder stops reading acks, we stop

@@ -10,17 +10,21 @@
 //! reflection and `/metrics`) until the shutdown token is cancelled, then stops reading apply
 //! streams, lets the owners drain their mailboxes and returns.
 //!
-//! State is in memory only for now: a restarted aggregator starts empty.
+//! State survives restarts through checkpoints (see [`checkpoint`] and the `snapshot` stage):
+//! on start the newest checkpoint is loaded, and ingest resends every batch the checkpoint does
+//! not cover (its acks carry `durable_through`), which the per-producer progress applies once.
 
 pub mod config;
 
+pub mod checkpoint;
 mod clock;
 mod dedup;
 mod error;
 mod grpc;
 mod owners;
+mod snapshot;
 
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use hitcounter_proto::aggregator::v1::aggregator_server::AggregatorServer;
 use hitcounter_telemetry::{CancellationToken, Listeners};
@@ -32,7 +36,7 @@ pub use error::AggregatorError;
 
 use crate::{
     dedup::AppliedBatches,
-    grpc::AggregatorService,
+    grpc::{AggregatorService, Applier},
     owners::{OwnerSettings, Owners},
 };
 
@@ -48,26 +52,79 @@ pub async fn serve(
 ) -> Result<(), AggregatorError> {
     let metrics = hitcounter_telemetry::metrics::recorder()
         .map_err(|e| AggregatorError::Startup(e.to_string()))?;
+    let settings = OwnerSettings {
+        owners: config.owner_count(),
+        mailbox: config.owner_mailbox,
+        max_keys: config.max_keys,
+        retention_seconds: config.retention_seconds,
+    };
+    let checkpoints = config.checkpoint_interval_ms > 0;
+    let applied = AppliedBatches::new(config.dedup_window, config.max_producers);
+    let mut durable = HashMap::new();
+    let mut stores = Vec::new();
+    if checkpoints {
+        // Recovery: the newest checkpoint, if any. Ingest resends what came after it.
+        let started = std::time::Instant::now();
+        let dir = config.data_dir.clone();
+        let (owner_count, limits) = (settings.owners, settings.store_limits());
+        let loaded =
+            tokio::task::spawn_blocking(move || checkpoint::load(&dir, owner_count, limits))
+                .await
+                .map_err(|e| AggregatorError::Startup(e.to_string()))?
+                .map_err(|e| AggregatorError::Startup(e.to_string()))?;
+        if let Some((loaded, restored)) = loaded {
+            let took = started.elapsed();
+            tracing::info!(
+                file = %loaded.path.display(),
+                keys = loaded.keys,
+                counters = loaded.counters,
+                producers = loaded.producers.len(),
+                seconds = took.as_secs_f64(),
+                "recovered from checkpoint"
+            );
+            metrics::gauge!("hitcounter_aggregator_recovery_seconds").set(took.as_secs_f64());
+            metrics::gauge!("hitcounter_aggregator_recovered_counters").set(loaded.counters as f64);
+            durable = loaded
+                .producers
+                .iter()
+                .map(|(p, progress)| (*p, progress.through))
+                .collect();
+            applied.restore(loaded.producers);
+            stores = restored;
+        } else {
+            tracing::info!(dir = %config.data_dir.display(), "no checkpoint: starting empty");
+        }
+    }
     let mut stages = JoinSet::new();
-    let owners = Owners::spawn(
-        &OwnerSettings {
-            owners: config.owner_count(),
-            mailbox: config.owner_mailbox,
-            max_keys: config.max_keys,
-            retention_seconds: config.retention_seconds,
-        },
-        &mut stages,
-    );
+    let owners = Owners::spawn(&settings, stores, &mut stages);
+    let applier = Arc::new(Applier {
+        owners: owners.clone(),
+        applied,
+        gate: tokio::sync::RwLock::new(()),
+        durable: std::sync::Mutex::new(durable),
+        incarnation: rand::random(),
+    });
     let service = AggregatorService {
         owners,
-        applied: Arc::new(AppliedBatches::new(
-            config.dedup_window,
-            config.max_producers,
-        )),
+        applier: Arc::clone(&applier),
         retention_seconds: config.retention_seconds,
         ack_capacity: config.ack_channel_capacity,
         shutdown: shutdown.clone(),
     };
+    // The snapshot stage: periodic checkpoints until shutdown, then a last one after the server
+    // has stopped (see below).
+    let snapshot_stop = CancellationToken::new();
+    let snapshot = checkpoints.then(|| {
+        tokio::spawn(
+            snapshot::run(
+                Arc::clone(&applier),
+                config.data_dir.clone(),
+                std::time::Duration::from_millis(config.checkpoint_interval_ms),
+                snapshot_stop.clone(),
+            )
+            .instrument(tracing::info_span!("snapshot")),
+        )
+    });
 
     if let Some(listener) = listeners.metrics {
         tokio::spawn(hitcounter_telemetry::metrics::serve(
@@ -135,7 +192,17 @@ pub async fn serve(
             return Err(error);
         }
     };
-    // The server (and with it every `Owners` handle) is gone: the owners drain and stop.
+    // The server is gone: the snapshot stage writes a last checkpoint, so a clean restart
+    // replays nothing; then every `Owners` handle is gone and the owners drain and stop.
+    snapshot_stop.cancel();
+    if let Some(snapshot) = snapshot {
+        match snapshot.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "last checkpoint failed"),
+            Err(error) => tracing::error!(%error, "snapshot stage failed"),
+        }
+    }
+    drop(applier);
     let drained = tokio::time::timeout(config.service.drain_timeout(), async {
         while stages.join_next().await.is_some() {}
     })

@@ -47,6 +47,9 @@ enum Command {
         prefix: Arc<str>,
         reply: oneshot::Sender<Vec<(String, u64)>>,
     },
+    Snapshot {
+        reply: oneshot::Sender<WindowStore>,
+    },
 }
 
 /// Handle to the owner tasks: partitions requests, sends them, merges the answers.
@@ -63,21 +66,33 @@ pub(crate) struct OwnerSettings {
     pub(crate) retention_seconds: u32,
 }
 
+impl OwnerSettings {
+    /// The limits of each owner's store: the key limit is per aggregator, each owner gets an
+    /// equal share of it.
+    pub(crate) fn store_limits(&self) -> StoreLimits {
+        StoreLimits {
+            max_keys: self.max_keys.div_ceil(self.owners.max(1)).max(1),
+        }
+    }
+}
+
 impl Owners {
-    /// Starts the owners on `tasks`. They run until every [`Owners`] handle is dropped and their
-    /// mailboxes are drained.
+    /// Starts the owners on `tasks`, owner `i` with `stores[i]` (restored from a checkpoint) or
+    /// an empty store. They run until every [`Owners`] handle is dropped and their mailboxes are
+    /// drained.
     pub(crate) fn spawn(
         settings: &OwnerSettings,
+        stores: Vec<WindowStore>,
         tasks: &mut JoinSet<Result<(), AggregatorError>>,
     ) -> Self {
         let owners = settings.owners.max(1);
-        // The key limit is per aggregator; each owner gets an equal share of it.
-        let max_keys = settings.max_keys.div_ceil(owners).max(1);
+        let limits = settings.store_limits();
+        let mut stores = stores.into_iter();
         let mailboxes = (0..owners)
             .map(|index| {
                 let (tx, rx) =
                     hitcounter_pipeline::channel("aggregator_owner_mailbox", settings.mailbox);
-                let store = WindowStore::new(StoreLimits { max_keys });
+                let store = stores.next().unwrap_or_else(|| WindowStore::new(limits));
                 let retention = i64::from(settings.retention_seconds);
                 tasks.spawn(
                     run_owner(index, store, rx, retention)
@@ -117,6 +132,21 @@ impl Owners {
             dropped += wait.await.map_err(|_| AggregatorError::OwnerStopped)?;
         }
         Ok(dropped)
+    }
+
+    /// A copy of every owner's store, in owner order, each taken between two of its commands.
+    pub(crate) async fn snapshot(&self) -> Result<Vec<WindowStore>, AggregatorError> {
+        let mut waits = Vec::with_capacity(self.mailboxes.len());
+        for owner in 0..self.mailboxes.len() {
+            let (reply, wait) = oneshot::channel();
+            self.send(owner, Command::Snapshot { reply }).await?;
+            waits.push(wait);
+        }
+        let mut stores = Vec::with_capacity(waits.len());
+        for wait in waits {
+            stores.push(wait.await.map_err(|_| AggregatorError::OwnerStopped)?);
+        }
+        Ok(stores)
     }
 
     /// Window counts of `keys`, in the order given.
@@ -271,6 +301,9 @@ async fn run_owner(
                     }
                     Command::Top { end_second, window_seconds, limit, prefix, reply } => {
                         let _ = reply.send(store.top(end_second, window_seconds, limit, &prefix));
+                    }
+                    Command::Snapshot { reply } => {
+                        let _ = reply.send(store.clone());
                     }
                 }
             }

@@ -136,6 +136,10 @@ type KeyMap = HashMap<Box<str>, KeySeries, foldhash::fast::RandomState>;
 
 /// Exact per-second hit counts per key, sparse in time. See the
 /// [crate docs](crate) for the layout and the cost of each operation.
+///
+/// `Clone` is a deep copy; the aggregator clones an owner's store to write a checkpoint from the
+/// copy while the original keeps taking hits.
+#[derive(Clone)]
 pub struct WindowStore {
     limits: StoreLimits,
     keys: KeyMap,
@@ -156,6 +160,18 @@ impl WindowStore {
     /// The limits the store was made with.
     pub fn limits(&self) -> StoreLimits {
         self.limits
+    }
+
+    /// Every key with its counters as `(second, count)` in increasing second order, keys in no
+    /// particular order. For writing snapshots; restore with [`WindowStore::add`].
+    pub fn iter(&self) -> impl Iterator<Item = (&str, impl Iterator<Item = (i64, u64)> + '_)> + '_ {
+        self.keys.iter().map(|(key, series)| {
+            let counters = series
+                .counters()
+                .iter()
+                .map(|c| (i64::from(c.second()), c.count()));
+            (&**key, counters)
+        })
     }
 
     /// Adds `count` hits of `key` in `second`.
@@ -679,5 +695,34 @@ mod unit_tests {
             StoreError::SecondOutOfRange { second: -1 }.to_string(),
             "second -1 is out of range"
         );
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    #[test]
+    fn iter_then_add_rebuilds_an_equal_store() {
+        let mut store = WindowStore::default();
+        store.add("a", 10, 1).unwrap();
+        store.add("a", 12, u64::from(u32::MAX) + 7).unwrap();
+        store.add("b", 11, 3).unwrap();
+        let copy = store.clone();
+        store.add("a", 13, 1).unwrap();
+        let mut rebuilt = WindowStore::default();
+        for (key, counters) in copy.iter() {
+            for (second, count) in counters {
+                rebuilt.add(key, second, count).unwrap();
+            }
+        }
+        assert_eq!(
+            rebuilt.counter_count(),
+            3,
+            "the clone is unaffected by later adds"
+        );
+        assert_eq!(rebuilt.count("a", 13, 10), 1 + u64::from(u32::MAX) + 7);
+        assert_eq!(rebuilt.count("b", 11, 1), 3);
+        assert_eq!(rebuilt.key_count(), 2);
     }
 }

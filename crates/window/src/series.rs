@@ -134,7 +134,6 @@ impl KeySeries {
     }
 
     /// All counters, sorted by second.
-    #[cfg(test)]
     pub(crate) fn counters(&self) -> &[Counter] {
         &self.counters
     }

@@ -44,7 +44,8 @@ impl Forwarder {
     /// Runs until the forward channel is closed and every batch taken from it is delivered (or
     /// abandoned at the drain deadline).
     pub(crate) async fn run(self, batches: StageReceiver<Vec<Delta>>) {
-        let next_seq = AtomicU64::new(0);
+        // Sequence numbers start at 1: the aggregator tracks "applied through N" from 0.
+        let next_seq = AtomicU64::new(1);
         let in_flight = metrics::gauge!(
             "hitcounter_ingest_forward_in_flight",
             "shard" => self.shard.to_string()
