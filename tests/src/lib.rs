@@ -88,10 +88,20 @@ pub async fn start_aggregator(args: &[&str]) -> anyhow::Result<Running> {
     })
 }
 
-/// Starts ingest pointed at `aggregators`, with extra `args`.
+/// Starts ingest pointed at `aggregators`, with extra `args`, in a fresh temporary data
+/// directory unless `args` name one.
 pub async fn start_ingest(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::Result<Running> {
     let list = join(aggregators);
+    let temp = if args.contains(&"--data-dir") {
+        None
+    } else {
+        Some(tempfile::tempdir()?)
+    };
+    let dir = temp.as_ref().map(|t| t.path().display().to_string());
     let mut all = vec!["hitcounter-ingest", "--aggregator", &list];
+    if let Some(dir) = &dir {
+        all.extend(["--data-dir", dir]);
+    }
     all.extend_from_slice(args);
     let config = hitcounter_ingest::Config::try_parse_from(all)?;
     let listeners = listeners().await?;
@@ -110,7 +120,7 @@ pub async fn start_ingest(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::
         metrics_addr,
         shutdown,
         task,
-        data_dir: None,
+        data_dir: temp,
     })
 }
 

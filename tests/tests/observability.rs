@@ -82,7 +82,7 @@ async fn metrics_count_requests_rejections_and_counters() -> anyhow::Result<()> 
         text.contains("hitcounter_ingest_request_duration_seconds_bucket"),
         "latency histogram"
     );
-    assert!(text.contains("hitcounter_channel_capacity{channel=\"ingest_hits\"} 1000000"));
+    assert!(text.contains("hitcounter_channel_capacity{channel=\"ingest_hits\"} 100000"));
 
     // The aggregator publishes its counters once a second.
     eventually(

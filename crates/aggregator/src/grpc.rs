@@ -78,6 +78,9 @@ impl Applier {
             durable_through: self.durable_through(producer),
             incarnation: self.incarnation,
         };
+        if seq == 0 {
+            return Ok(ack(true, 0));
+        }
         if !self.applied.first_time(producer, seq, tick) {
             metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "duplicate")
                 .increment(1);

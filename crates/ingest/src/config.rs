@@ -2,6 +2,8 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+use hitcounter_wal::FsyncPolicy;
+
 use hitcounter_stack::ClientArgs;
 use hitcounter_telemetry::ServiceArgs;
 
@@ -14,9 +16,33 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
 
-    /// Directory for ingest's state (reserved for the durable log; nothing is written yet).
+    /// Directory of ingest's durable state: one log per aggregator shard, the batch-id ledger
+    /// and this instance's producer id. Created if missing. Keep it across restarts: what is in
+    /// it is acknowledged and not yet held durably by the aggregators.
     #[arg(long, env = "HITCOUNTER_DATA_DIR", default_value = "data/ingest")]
     pub data_dir: PathBuf,
+
+    /// When a batch counts as durable before it is acknowledged. `always`: after an fsync
+    /// (shared by every request in a flush; survives power loss). `interval`: after the write,
+    /// with an fsync at most every --fsync-interval-ms (a power loss or OS crash can lose about
+    /// that much acknowledged data; a process crash loses nothing). `never`: after the write;
+    /// the log is fsynced in the background once a second so forwarding can proceed (an OS crash
+    /// can lose about the last second; a process crash loses nothing).
+    #[arg(long, env = "HITCOUNTER_FSYNC", default_value = "always")]
+    pub fsync: FsyncMode,
+
+    /// The fsync period of `--fsync interval`, in milliseconds.
+    #[arg(long, env = "HITCOUNTER_FSYNC_INTERVAL_MS", default_value_t = 100)]
+    pub fsync_interval_ms: u64,
+
+    /// Disk the logs may use, in bytes. It fills while the aggregators are down or slow; when
+    /// full, writes get RESOURCE_EXHAUSTED until the backlog drains.
+    #[arg(long, env = "HITCOUNTER_MAX_BUFFER_BYTES", default_value_t = 1 << 30)]
+    pub max_buffer_bytes: u64,
+
+    /// Size of one log segment file, in bytes; the log is trimmed in whole segments.
+    #[arg(long, env = "HITCOUNTER_SEGMENT_BYTES", default_value_t = 16 << 20)]
+    pub segment_bytes: u64,
 
     /// Seconds of history the aggregators keep; hits older than this are rejected. Must match
     /// the aggregators' and query's value.
@@ -27,9 +53,10 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_MAX_FUTURE_SKEW_SECONDS", default_value_t = 60)]
     pub max_future_skew_seconds: u32,
 
-    /// Hits that may wait between validation and combining. When full, StreamHits stops reading
-    /// (HTTP/2 flow control slows the client) and unary calls wait up to the enqueue timeout.
-    #[arg(long, env = "HITCOUNTER_BUFFER_HITS", default_value_t = 1_000_000)]
+    /// Hits that may wait in memory between validation and the log. When full, StreamHits stops
+    /// reading (HTTP/2 flow control slows the client) and unary calls wait up to the enqueue
+    /// timeout.
+    #[arg(long, env = "HITCOUNTER_BUFFER_HITS", default_value_t = 100_000)]
     pub buffer_hits: usize,
 
     /// How long a unary RecordHit/RecordHits waits for buffer room before RESOURCE_EXHAUSTED.
@@ -45,13 +72,9 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_COMBINE_INTERVAL_MS", default_value_t = 5)]
     pub combine_interval_ms: u64,
 
-    /// Delta batches queued per aggregator shard before combining waits.
-    #[arg(
-        long,
-        env = "HITCOUNTER_FORWARD_CHANNEL_CAPACITY",
-        default_value_t = 64
-    )]
-    pub forward_channel_capacity: usize,
+    /// Flushes queued between combining and the log writer.
+    #[arg(long, env = "HITCOUNTER_FLUSH_CHANNEL_CAPACITY", default_value_t = 4)]
+    pub flush_channel_capacity: usize,
 
     /// Delta batches in flight (sent, not yet acknowledged) per aggregator shard.
     #[arg(long, env = "HITCOUNTER_FORWARD_CONCURRENCY", default_value_t = 4)]
@@ -71,6 +94,10 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_DEDUP_CAPACITY", default_value_t = 1_000_000)]
     pub dedup_capacity: usize,
 
+    /// Requests of one StreamHits stream that may wait for the disk at once.
+    #[arg(long, env = "HITCOUNTER_STREAM_WINDOW", default_value_t = 16)]
+    pub stream_window: usize,
+
     /// Responses queued per StreamHits stream before the stream stops reading requests.
     #[arg(
         long,
@@ -88,6 +115,17 @@ pub struct Config {
     pub service: ServiceArgs,
 }
 
+/// The `--fsync` policies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FsyncMode {
+    /// fsync before acknowledging.
+    Always,
+    /// fsync at most every `--fsync-interval-ms`.
+    Interval,
+    /// Acknowledge after the write; fsync in the background.
+    Never,
+}
+
 impl Config {
     /// Default `/metrics` address of ingest.
     pub const DEFAULT_METRICS: SocketAddr =
@@ -95,6 +133,16 @@ impl Config {
 
     pub(crate) fn enqueue_timeout(&self) -> Duration {
         Duration::from_millis(self.enqueue_timeout_ms)
+    }
+
+    pub(crate) fn fsync_policy(&self) -> FsyncPolicy {
+        match self.fsync {
+            FsyncMode::Always => FsyncPolicy::Always,
+            FsyncMode::Interval => {
+                FsyncPolicy::Interval(Duration::from_millis(self.fsync_interval_ms))
+            }
+            FsyncMode::Never => FsyncPolicy::Never,
+        }
     }
 
     pub(crate) fn dedup_horizon(&self) -> Duration {

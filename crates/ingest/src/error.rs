@@ -14,6 +14,12 @@ pub enum IngestError {
     /// The batch-id ledger is full of ids younger than the dedup horizon.
     #[error("too many distinct batch ids in the dedup horizon; nothing of this request was counted, retry later or send without batch_id")]
     LedgerFull,
+    /// The durable log is at its disk budget.
+    #[error("ingest's durable buffer is full (the aggregator is down or slow); nothing of this request was counted, retry with backoff")]
+    LogFull,
+    /// The durable log cannot be written or read.
+    #[error("ingest log failure: {0}")]
+    Log(String),
     /// Another call with the same batch id is still being recorded.
     #[error("another call with this batch_id is still being recorded; retry to learn its outcome")]
     BatchInFlight,
@@ -35,6 +41,8 @@ impl IngestError {
             IngestError::Invalid(error) => error.reason(),
             IngestError::BufferFull => "buffer_full",
             IngestError::LedgerFull => "ledger_full",
+            IngestError::LogFull => "log_full",
+            IngestError::Log(_) => "log_failure",
             IngestError::BatchInFlight => "batch_in_flight",
             IngestError::ShuttingDown => "shutting_down",
             IngestError::StageStopped(_) | IngestError::Startup(_) => "internal",
@@ -46,11 +54,11 @@ impl From<IngestError> for Status {
     fn from(error: IngestError) -> Self {
         match &error {
             IngestError::Invalid(_) => Status::invalid_argument(error.to_string()),
-            IngestError::BufferFull | IngestError::LedgerFull => {
+            IngestError::BufferFull | IngestError::LedgerFull | IngestError::LogFull => {
                 Status::resource_exhausted(error.to_string())
             }
             IngestError::BatchInFlight => Status::aborted(error.to_string()),
-            IngestError::ShuttingDown | IngestError::StageStopped(_) => {
+            IngestError::ShuttingDown | IngestError::StageStopped(_) | IngestError::Log(_) => {
                 Status::unavailable(error.to_string())
             }
             IngestError::Startup(_) => Status::internal(error.to_string()),

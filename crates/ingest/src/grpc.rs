@@ -20,18 +20,20 @@ use tracing::Instrument;
 
 use crate::{
     error::IngestError,
-    ledger::{BatchLedger, Claim},
+    ledger::{BatchLedger, Claim, ClaimGuard},
+    stages::{DurableError, Pending},
     validate::{self, TimeRules, ValidHit},
 };
 
 /// Implements the public ingest API.
 #[derive(Clone)]
 pub(crate) struct IngestService {
-    pub(crate) hits: StageSender<Vec<ValidHit>>,
+    pub(crate) hits: StageSender<Pending>,
     pub(crate) ledger: Arc<BatchLedger>,
     pub(crate) rules: TimeRules,
     pub(crate) enqueue_timeout: Duration,
     pub(crate) stream_response_capacity: usize,
+    pub(crate) stream_window: usize,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -47,29 +49,54 @@ enum Wait {
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<RecordHitsResponse, Status>> + Send>>;
 
 impl IngestService {
-    async fn enqueue(&self, hits: Vec<ValidHit>, wait: Wait) -> Result<(), IngestError> {
+    /// Hands `hits` to the pipeline and waits until they are durable in the log.
+    async fn enqueue(
+        &self,
+        hits: Vec<ValidHit>,
+        batch_id: Option<(Arc<str>, u64)>,
+        wait: Wait,
+    ) -> Result<(), IngestError> {
         let weight = hits.len();
+        let (done, durable) = tokio::sync::oneshot::channel();
+        let pending = Pending {
+            hits,
+            done,
+            batch_id,
+        };
         let sent = match wait {
-            Wait::AtMost(timeout) => self.hits.send_weighted_timeout(hits, weight, timeout).await,
+            Wait::AtMost(timeout) => {
+                self.hits
+                    .send_weighted_timeout(pending, weight, timeout)
+                    .await
+            }
             Wait::UntilRoom => tokio::select! {
-                sent = self.hits.send_weighted(hits, weight) => sent,
+                sent = self.hits.send_weighted(pending, weight) => sent,
                 _ = self.shutdown.cancelled() => return Err(IngestError::ShuttingDown),
             },
         };
         match sent {
-            Ok(()) => Ok(()),
-            Err(SendError::Full { .. }) => Err(IngestError::BufferFull),
-            Err(SendError::Closed { .. }) => Err(IngestError::ShuttingDown),
+            Ok(()) => {}
+            Err(SendError::Full { .. }) => return Err(IngestError::BufferFull),
+            Err(SendError::Closed { .. }) => return Err(IngestError::ShuttingDown),
+        }
+        // Once enqueued the hits are on their way to the disk; the answer comes from the log
+        // stage (within the combine interval plus one fsync).
+        match durable.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(DurableError::Full { .. })) => Err(IngestError::LogFull),
+            Ok(Err(DurableError::Io(message))) => Err(IngestError::Log(message)),
+            Err(_) => Err(IngestError::ShuttingDown),
         }
     }
 
-    /// Records one batch: dedup, validate, enqueue. Returns the response to send.
-    async fn record_batch(
+    /// First half of recording a batch, done in request order: check the id, claim it in the
+    /// ledger, validate every hit. Nothing is enqueued yet, so a failure here counts nothing.
+    async fn prepare(
         &self,
         hits: Vec<Hit>,
         batch_id: String,
         wait: Wait,
-    ) -> Result<RecordHitsResponse, IngestError> {
+    ) -> Result<Prepared, IngestError> {
         let offered = hits.len() as u64;
         let result = async {
             validate::batch_id(&batch_id)?;
@@ -87,26 +114,22 @@ impl IngestService {
                 match claim {
                     Ok(Claim::Duplicate(accepted)) => {
                         metrics::counter!("hitcounter_ingest_duplicate_batches_total").increment(1);
-                        return Ok(RecordHitsResponse {
+                        return Ok(Prepared::Answered(RecordHitsResponse {
                             accepted,
                             duplicate: true,
-                            batch_id: batch_id.clone(),
-                        });
+                            batch_id,
+                        }));
                     }
                     Ok(Claim::New(guard)) => Some(guard),
                     Err(_) => return Err(IngestError::LedgerFull),
                 }
             };
-            let (valid, accepted) = validate::batch(hits, validate::now_ms(), self.rules)?;
-            self.enqueue(valid, wait).await?;
-            if let Some(guard) = claim {
-                guard.complete(accepted);
-            }
-            metrics::counter!("hitcounter_ingest_hits_accepted_total").increment(accepted);
-            Ok(RecordHitsResponse {
+            let (hits, accepted) = validate::batch(hits, validate::now_ms(), self.rules)?;
+            Ok(Prepared::Valid {
+                hits,
                 accepted,
-                duplicate: false,
-                batch_id: batch_id.clone(),
+                claim,
+                batch_id,
             })
         }
         .await;
@@ -114,6 +137,149 @@ impl IngestService {
             count_rejected(error, offered);
         }
         result
+    }
+
+    /// Second half: enqueue and wait until the hits are durable, then complete the claim.
+    async fn commit(
+        &self,
+        prepared: Prepared,
+        wait: Wait,
+    ) -> Result<RecordHitsResponse, IngestError> {
+        let (hits, accepted, claim, batch_id) = match prepared {
+            Prepared::Answered(response) => return Ok(response),
+            Prepared::Valid {
+                hits,
+                accepted,
+                claim,
+                batch_id,
+            } => (hits, accepted, claim, batch_id),
+        };
+        let offered = hits.len() as u64;
+        let logged_id = claim
+            .as_ref()
+            .map(|_| (Arc::from(batch_id.as_str()), accepted));
+        if let Err(error) = self.enqueue(hits, logged_id, wait).await {
+            // Dropping the claim releases the id for a retry.
+            count_rejected(&error, offered);
+            return Err(error);
+        }
+        if let Some(guard) = claim {
+            guard.complete(accepted);
+        }
+        metrics::counter!("hitcounter_ingest_hits_accepted_total").increment(accepted);
+        Ok(RecordHitsResponse {
+            accepted,
+            duplicate: false,
+            batch_id,
+        })
+    }
+}
+
+/// A batch that passed [`IngestService::prepare`].
+enum Prepared {
+    /// Nothing to record (a known batch id): this is the answer.
+    Answered(RecordHitsResponse),
+    /// Valid hits to record.
+    Valid {
+        hits: Vec<ValidHit>,
+        accepted: u64,
+        claim: Option<ClaimGuard>,
+        batch_id: String,
+    },
+}
+
+impl IngestService {
+    /// Serves one `StreamHits` stream. Requests are read, claimed and validated in order; up to
+    /// `stream_window` of them then wait for the disk at once (so one stream is not limited to
+    /// one fsync per request), and their responses go out in request order. An invalid request
+    /// ends the stream with its status after the responses of the requests before it; nothing
+    /// after it was enqueued. A failure while waiting for the disk (log full, shutting down) also
+    /// ends the stream; requests after that one may then have been counted without an answer,
+    /// as with any broken stream: give batches a `batch_id` to retry them safely.
+    async fn run_stream(
+        &self,
+        mut requests: Streaming<RecordHitsRequest>,
+        responses: StageSender<Result<RecordHitsResponse, Status>>,
+    ) {
+        let numbered = |index: u64, error: IngestError| {
+            let status = Status::from(error);
+            Status::new(
+                status.code(),
+                format!("request #{index} of this stream: {}", status.message()),
+            )
+        };
+        let mut window = futures::stream::FuturesOrdered::new();
+        let mut reading = true;
+        let mut ending: Option<Status> = None;
+        let mut index = 0u64;
+        // Sends one finished request's answer; false when the stream must end.
+        let answer = |(i, started, result): (
+            u64,
+            std::time::Instant,
+            Result<RecordHitsResponse, IngestError>,
+        )| {
+            let response = result.map_err(|e| numbered(i, e));
+            rpc::record("ingest", "StreamHits.batch", &response, started);
+            let failed = response.is_err();
+            let responses = responses.clone();
+            async move {
+                // A full response channel (client not reading) stops us reading too.
+                responses.send(response).await.is_ok() && !failed
+            }
+        };
+        loop {
+            if !reading && window.is_empty() {
+                break;
+            }
+            tokio::select! {
+                biased;
+                done = window.next(), if !window.is_empty() => {
+                    let Some(done) = done else { continue };
+                    if !answer(done).await {
+                        return;
+                    }
+                }
+                next = requests.message(), if reading && window.len() < self.stream_window => {
+                    let request = match next {
+                        Ok(Some(request)) => request,
+                        Ok(None) => { reading = false; continue; }
+                        Err(status) => {
+                            tracing::debug!(%status, "hit stream broke");
+                            reading = false;
+                            continue;
+                        }
+                    };
+                    // A batch id still in flight in this very window would wait for an answer
+                    // that only this loop can produce: finish the window first.
+                    if !request.batch_id.is_empty() && self.ledger.is_pending(&request.batch_id) {
+                        while let Some(done) = window.next().await {
+                            if !answer(done).await {
+                                return;
+                            }
+                        }
+                    }
+                    let started = std::time::Instant::now();
+                    match self.prepare(request.hits, request.batch_id, Wait::UntilRoom).await {
+                        Ok(prepared) => {
+                            let i = index;
+                            window.push_back(async move {
+                                (i, started, self.commit(prepared, Wait::UntilRoom).await)
+                            });
+                            index += 1;
+                        }
+                        Err(error) => {
+                            ending = Some(numbered(index, error));
+                            reading = false;
+                        }
+                    }
+                }
+                // Stop reading on shutdown; what is in the window still gets its answer.
+                _ = self.shutdown.cancelled(), if reading => reading = false,
+            }
+        }
+        if let Some(status) = ending {
+            let _ = responses.send(Err(status)).await;
+        }
     }
 }
 
@@ -140,7 +306,7 @@ impl Ingest for IngestService {
                     self.rules,
                 )?;
                 let accepted = hit.count;
-                self.enqueue(vec![hit], Wait::AtMost(self.enqueue_timeout))
+                self.enqueue(vec![hit], None, Wait::AtMost(self.enqueue_timeout))
                     .await?;
                 metrics::counter!("hitcounter_ingest_hits_accepted_total").increment(accepted);
                 Ok(accepted)
@@ -163,14 +329,9 @@ impl Ingest for IngestService {
     ) -> Result<Response<RecordHitsResponse>, Status> {
         rpc::observe("ingest", "RecordHits", async {
             let request = request.into_inner();
-            let response = self
-                .record_batch(
-                    request.hits,
-                    request.batch_id,
-                    Wait::AtMost(self.enqueue_timeout),
-                )
-                .await?;
-            Ok(Response::new(response))
+            let wait = Wait::AtMost(self.enqueue_timeout);
+            let prepared = self.prepare(request.hits, request.batch_id, wait).await?;
+            Ok(Response::new(self.commit(prepared, wait).await?))
         })
         .await
     }
@@ -181,48 +342,13 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<RecordHitsRequest>>,
     ) -> Result<Response<Self::StreamHitsStream>, Status> {
-        let mut requests = request.into_inner();
+        let requests = request.into_inner();
         let (responses_tx, responses_rx) =
             hitcounter_pipeline::channel("ingest_stream_responses", self.stream_response_capacity);
         let service = self.clone();
         tokio::spawn(
             async move {
-                let mut index = 0u64;
-                loop {
-                    let started = std::time::Instant::now();
-                    let next = tokio::select! {
-                        // Stop reading on shutdown; what was acknowledged is already queued.
-                        _ = service.shutdown.cancelled() => break,
-                        next = requests.message() => next,
-                    };
-                    let request = match next {
-                        Ok(Some(request)) => request,
-                        Ok(None) => break,
-                        Err(status) => {
-                            tracing::debug!(%status, "hit stream broke");
-                            break;
-                        }
-                    };
-                    let response = service
-                        .record_batch(request.hits, request.batch_id, Wait::UntilRoom)
-                        .await
-                        .map_err(|error| {
-                            // Ends the stream: the responses received so far tell the client
-                            // which batches were counted.
-                            let status = Status::from(error);
-                            Status::new(
-                                status.code(),
-                                format!("request #{index} of this stream: {}", status.message()),
-                            )
-                        });
-                    rpc::record("ingest", "StreamHits.batch", &response, started);
-                    let failed = response.is_err();
-                    // A full response channel (client not reading) stops us reading too.
-                    if responses_tx.send(response).await.is_err() || failed {
-                        break;
-                    }
-                    index += 1;
-                }
+                service.run_stream(requests, responses_tx).await;
             }
             .instrument(tracing::debug_span!("stream_hits")),
         );

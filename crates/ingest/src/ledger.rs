@@ -65,6 +65,24 @@ impl BatchLedger {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Restores a completed id recorded `age` ago (from the durable ledger log, oldest first).
+    /// Ids older than the horizon are skipped.
+    pub(crate) fn restore(&self, id: &str, accepted: u64, age: Duration) {
+        if age >= self.horizon {
+            return;
+        }
+        let at = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let mut state = self.lock();
+        let id: Arc<str> = Arc::from(id);
+        state.entries.insert(Arc::clone(&id), Entry::Done(accepted));
+        state.expiry.push_back((at, id));
+    }
+
+    /// True while a call holding `id` has not finished.
+    pub(crate) fn is_pending(&self, id: &str) -> bool {
+        matches!(self.lock().entries.get(id), Some(Entry::Pending(_)))
+    }
+
     /// Claims `id`, waiting while another call with the same id is in flight.
     pub(crate) async fn claim(self: &Arc<Self>, id: &str) -> Result<Claim, LedgerFull> {
         loop {

@@ -27,6 +27,9 @@ mod error;
 mod grpc;
 mod ledger;
 mod stages;
+mod state;
+
+use std::sync::Arc;
 
 use hitcounter_proto::v1::ingest_server::IngestServer;
 use hitcounter_telemetry::{CancellationToken, Listeners};
@@ -43,6 +46,7 @@ use crate::{
         combine::{self, CombineSettings},
         forward::Forwarder,
         link::ApplyLink,
+        log::{LogStage, SharedLogs},
     },
     validate::TimeRules,
 };
@@ -66,23 +70,45 @@ pub async fn serve(
         .map_err(|e| IngestError::Startup(e.to_string()))?;
     let stack_config = config.client.stack_config();
     let max_message = config.service.max_message_bytes;
-    // Identifies this process's batches to the aggregators, so resends apply once.
-    let producer_id: u64 = rand::random();
     let abandon = CancellationToken::new();
+    let shards = channels.len();
+
+    // Recovery: open the data directory (logs, ledger, producer id) before serving.
+    let ledger = BatchLedger::new(config.dedup_horizon(), config.dedup_capacity);
+    let opened = {
+        let (dir, fsync, segment) = (
+            config.data_dir.clone(),
+            config.fsync_policy(),
+            config.segment_bytes,
+        );
+        let (ledger, horizon) = (Arc::clone(&ledger), config.dedup_horizon());
+        tokio::task::spawn_blocking(move || {
+            state::open(&dir, shards, fsync, segment, &ledger, horizon)
+        })
+        .await
+        .map_err(|e| IngestError::Startup(e.to_string()))??
+    };
+    let producer_id = opened.producer_id;
+    let logs: SharedLogs = Arc::new(std::sync::Mutex::new(opened.logs));
 
     let (hits_tx, hits_rx) = hitcounter_pipeline::channel("ingest_hits", config.buffer_hits);
-    let mut forward_txs = Vec::with_capacity(channels.len());
+    let (flush_tx, flush_rx) =
+        hitcounter_pipeline::channel("ingest_flushes", config.flush_channel_capacity);
     let mut forwarders = JoinSet::new();
-    let mut links = Vec::with_capacity(channels.len());
+    let mut links = Vec::with_capacity(shards);
+    let mut written_txs = Vec::with_capacity(shards);
+    let mut durable_rxs = Vec::with_capacity(shards);
     for (shard, channel) in channels.into_iter().enumerate() {
         let link = ApplyLink::new(channel, max_message, config.forward_concurrency * 2);
         let (stack, _breaker) =
             hitcounter_stack::build("ingest", shard, &stack_config, link.clone())
                 .map_err(|e| IngestError::Startup(e.to_string()))?;
-        // One metric label per shard, created once at start-up: leaking the few names is the
-        // price of `&'static str` labels on the hot path.
-        let name: &'static str = Box::leak(format!("ingest_forward_{shard}").into_boxed_str());
-        let (tx, rx) = hitcounter_pipeline::channel(name, config.forward_channel_capacity);
+        let on_disk = {
+            let logs = stages::log::lock(&logs);
+            logs.shards[shard].durable_seq()
+        };
+        let (written_tx, written_rx) = tokio::sync::watch::channel(on_disk);
+        let (durable_tx, durable_rx) = tokio::sync::watch::channel(0);
         let forwarder = Forwarder {
             shard,
             // Sequence numbers count per shard, so each shard's stream is its own producer:
@@ -90,33 +116,55 @@ pub async fn serve(
             producer_id: producer_id.wrapping_add(shard as u64),
             stack,
             concurrency: config.forward_concurrency,
+            logs: Arc::clone(&logs),
+            written: written_rx,
+            durable: durable_tx,
             abandon: abandon.clone(),
         };
         forwarders.spawn(
             forwarder
-                .run(rx)
+                .run()
                 .instrument(tracing::info_span!("forward", shard)),
         );
-        forward_txs.push(tx);
+        written_txs.push(written_tx);
+        durable_rxs.push(durable_rx);
         links.push(link);
     }
+    let log_stage = LogStage {
+        logs: Arc::clone(&logs),
+        budget: config.max_buffer_bytes,
+        written: written_txs,
+        durable: durable_rxs,
+        ledger_times: opened.ledger_times,
+        horizon: config.dedup_horizon(),
+        background_sync: (config.fsync == config::FsyncMode::Never)
+            .then_some(std::time::Duration::from_secs(1)),
+        last_background_sync: std::sync::Mutex::new(std::time::Instant::now()),
+    };
+    let mut log_task = tokio::spawn(
+        log_stage
+            .run(flush_rx)
+            .instrument(tracing::info_span!("log")),
+    );
     let settings = CombineSettings {
         max_deltas: config.combine_max_deltas,
         interval: std::time::Duration::from_millis(config.combine_interval_ms),
     };
     let mut combine = tokio::spawn(
-        combine::run(hits_rx, forward_txs, settings).instrument(tracing::info_span!("combine")),
+        combine::run(hits_rx, flush_tx, shards, settings)
+            .instrument(tracing::info_span!("combine")),
     );
 
     let service = IngestService {
         hits: hits_tx.clone(),
-        ledger: BatchLedger::new(config.dedup_horizon(), config.dedup_capacity),
+        ledger,
         rules: TimeRules {
             retention_seconds: config.retention_seconds,
             max_future_skew_seconds: config.max_future_skew_seconds,
         },
         enqueue_timeout: config.enqueue_timeout(),
         stream_response_capacity: config.stream_response_capacity,
+        stream_window: config.stream_window.max(1),
         shutdown: shutdown.clone(),
     };
 
@@ -162,38 +210,39 @@ pub async fn serve(
             served.map_err(|e| IngestError::Startup(e.to_string()))
         }
         stopped = &mut combine => {
-            shutdown.cancel();
-            let error = match stopped {
-                Ok(Err(error)) => error,
-                _ => IngestError::StageStopped("combine"),
-            };
-            tracing::error!(%error, "a pipeline stage stopped; shutting down");
-            return Err(error);
+            return Err(stage_failed(&shutdown, "combine", stopped));
         }
-        Some(_) = forwarders.join_next() => {
-            shutdown.cancel();
-            tracing::error!("a forward stage stopped; shutting down");
-            return Err(IngestError::StageStopped("forward"));
+        stopped = &mut log_task => {
+            return Err(stage_failed(&shutdown, "log", stopped));
+        }
+        Some(stopped) = forwarders.join_next() => {
+            return Err(stage_failed(&shutdown, "forward", stopped));
         }
     };
 
-    // The edge is closed: let the pipeline drain, front to back.
+    // The edge is closed: let the pipeline drain, front to back. Everything acknowledged is in
+    // the log already; draining delivers it now rather than after the next start.
     hits_tx.close();
     drop(hits_tx);
     let drain = async {
         let combined = (&mut combine).await;
+        let logged = (&mut log_task).await;
         while forwarders.join_next().await.is_some() {}
-        combined
+        (combined, logged)
     };
     match tokio::time::timeout(config.service.drain_timeout(), drain).await {
-        Ok(Ok(Ok(()))) => tracing::info!("pipeline drained"),
-        Ok(Ok(Err(error))) => tracing::error!(%error, "combine failed while draining"),
-        Ok(Err(join)) => tracing::error!(%join, "combine failed while draining"),
+        Ok((Ok(Ok(())), Ok(Ok(())))) => tracing::info!("pipeline drained"),
+        Ok((combined, logged)) => {
+            tracing::error!(?combined, ?logged, "a stage failed while draining")
+        }
         Err(_) => {
-            tracing::error!("drain deadline passed; dropping undelivered hits");
+            tracing::warn!(
+                "drain deadline passed; undelivered batches stay in the log for the next start"
+            );
             abandon.cancel();
-            combine.abort();
             while forwarders.join_next().await.is_some() {}
+            combine.abort();
+            log_task.abort();
         }
     }
     for link in &links {
@@ -201,4 +250,21 @@ pub async fn serve(
     }
     tracing::info!("ingest stopped");
     served
+}
+
+/// Logs a stage that stopped while the service was serving, and shuts the service down: a
+/// half-alive ingest must not keep acknowledging, so the process exits non-zero and its
+/// orchestrator restarts it (the logs make that safe).
+fn stage_failed(
+    shutdown: &CancellationToken,
+    stage: &'static str,
+    stopped: Result<Result<(), IngestError>, tokio::task::JoinError>,
+) -> IngestError {
+    shutdown.cancel();
+    let error = match stopped {
+        Ok(Err(error)) => error,
+        _ => IngestError::StageStopped(stage),
+    };
+    tracing::error!(stage, %error, "a pipeline stage stopped; shutting down");
+    error
 }

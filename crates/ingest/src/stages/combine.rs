@@ -1,12 +1,12 @@
 //! The `combine` stage: pre-aggregation.
 //!
 //! Many hits share a (key, second), especially for hot keys; summing them here turns e.g. 1000
-//! hits into a handful of deltas before they cross the network. The stage collects batches for
-//! at most `interval` (which bounds the added visibility delay) or until `max_deltas` distinct
-//! (key, second) pairs are held (which bounds its memory), then flushes: deltas are split by
-//! shard and sent to each shard's forwarder. A full forward channel makes the flush wait, and
-//! while it waits this stage reads nothing, so the hits channel fills and the gRPC edge slows
-//! down: backpressure end to end.
+//! hits into a handful of deltas before they reach the disk and the network. The stage collects
+//! requests for at most `interval` (which bounds the added latency) or until `max_deltas`
+//! distinct (key, second) pairs are held (which bounds its memory), then flushes: deltas are
+//! split by shard and handed, with the requests waiting for them, to the `log` stage. A full
+//! flush channel makes the flush wait, and while it waits this stage reads nothing, so the hits
+//! channel fills and the gRPC edge slows down: backpressure end to end.
 
 use std::{collections::HashMap, time::Duration};
 
@@ -15,7 +15,8 @@ use hitcounter_proto::aggregator::v1::Delta;
 use hitcounter_stack::shard::shard_of;
 use tokio::time::Instant;
 
-use crate::{error::IngestError, validate::ValidHit};
+use super::{Durable, Flush, Pending};
+use crate::error::IngestError;
 
 /// Settings of the combine stage.
 #[derive(Debug, Clone, Copy)]
@@ -24,35 +25,38 @@ pub(crate) struct CombineSettings {
     pub(crate) interval: Duration,
 }
 
-type Pending = HashMap<(String, i64), u64, foldhash::fast::RandomState>;
+type Merged = HashMap<(String, i64), u64, foldhash::fast::RandomState>;
 
 /// Runs until the hits channel is closed and drained, then flushes what is left and returns,
 /// which closes the forward channels.
 pub(crate) async fn run(
-    hits: StageReceiver<Vec<ValidHit>>,
-    shards: Vec<StageSender<Vec<Delta>>>,
+    hits: StageReceiver<Pending>,
+    flushes: StageSender<Flush>,
+    shards: usize,
     settings: CombineSettings,
 ) -> Result<(), IngestError> {
-    let mut pending = Pending::default();
+    let mut pending = Merged::default();
+    let mut waiters = Vec::new();
+    let mut batch_ids = Vec::new();
     let hits_in = metrics::counter!("hitcounter_ingest_combined_hits_total");
     let deltas_out = metrics::counter!("hitcounter_ingest_combined_deltas_total");
     let max_deltas = settings.max_deltas.max(1);
     let mut open = true;
     while open {
-        let Some(batch) = hits.recv().await else {
+        let Some(request) = hits.recv().await else {
             break;
         };
-        hits_in.increment(batch.len() as u64);
-        merge(&mut pending, batch);
+        hits_in.increment(request.hits.len() as u64);
+        take(&mut pending, &mut waiters, &mut batch_ids, request);
         let deadline = Instant::now() + settings.interval;
         // The deadline is checked on every turn: with input always ready, `select!` alone could
         // keep taking batches and never see the timer fire.
         while pending.len() < max_deltas && Instant::now() < deadline {
             tokio::select! {
                 next = hits.recv() => match next {
-                    Some(batch) => {
-                        hits_in.increment(batch.len() as u64);
-                        merge(&mut pending, batch);
+                    Some(request) => {
+                        hits_in.increment(request.hits.len() as u64);
+                        take(&mut pending, &mut waiters, &mut batch_ids, request);
                     }
                     None => {
                         open = false;
@@ -63,43 +67,47 @@ pub(crate) async fn run(
             }
         }
         deltas_out.increment(pending.len() as u64);
-        flush(&mut pending, &shards).await?;
+        let flush = Flush {
+            shards: split(&mut pending, shards),
+            waiters: std::mem::take(&mut waiters),
+            batch_ids: std::mem::take(&mut batch_ids),
+        };
+        flushes
+            .send(flush)
+            .await
+            .map_err(|_| IngestError::StageStopped("log"))?;
     }
     tracing::debug!("combine drained");
     Ok(())
 }
 
-fn merge(pending: &mut Pending, batch: Vec<ValidHit>) {
-    for hit in batch {
+fn take(
+    pending: &mut Merged,
+    waiters: &mut Vec<Durable>,
+    batch_ids: &mut Vec<(std::sync::Arc<str>, u64)>,
+    request: Pending,
+) {
+    for hit in request.hits {
         let slot = pending.entry((hit.key, hit.second)).or_insert(0);
         *slot = slot.saturating_add(hit.count);
     }
+    waiters.push(request.done);
+    batch_ids.extend(request.batch_id);
 }
 
-async fn flush(
-    pending: &mut Pending,
-    shards: &[StageSender<Vec<Delta>>],
-) -> Result<(), IngestError> {
-    let mut parts: Vec<Vec<Delta>> = shards.iter().map(|_| Vec::new()).collect();
+fn split(pending: &mut Merged, shards: usize) -> Vec<Vec<Delta>> {
+    let mut parts: Vec<Vec<Delta>> = (0..shards.max(1)).map(|_| Vec::new()).collect();
     for ((key, second), count) in pending.drain() {
-        let shard = shard_of(&key, shards.len());
+        let shard = shard_of(&key, parts.len());
         parts[shard].push(Delta { key, second, count });
     }
-    for (shard, deltas) in parts.into_iter().enumerate() {
-        if deltas.is_empty() {
-            continue;
-        }
-        shards[shard]
-            .send(deltas)
-            .await
-            .map_err(|_| IngestError::StageStopped("forward"))?;
-    }
-    Ok(())
+    parts
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::validate::ValidHit;
 
     fn hit(key: &str, second: i64, count: u64) -> ValidHit {
         ValidHit {
@@ -109,42 +117,67 @@ mod tests {
         }
     }
 
+    fn request(
+        hits: Vec<ValidHit>,
+        id: Option<&str>,
+    ) -> (
+        Pending,
+        tokio::sync::oneshot::Receiver<Result<(), super::super::DurableError>>,
+    ) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let batch_id = id.map(|id| (std::sync::Arc::from(id), hits.iter().map(|h| h.count).sum()));
+        (
+            Pending {
+                hits,
+                done,
+                batch_id,
+            },
+            wait,
+        )
+    }
+
     #[tokio::test]
     async fn merges_by_key_and_second_and_splits_by_shard() {
         let (hits_tx, hits_rx) = hitcounter_pipeline::channel("test_combine_hits", 16);
-        let (a_tx, a_rx) = hitcounter_pipeline::channel("test_combine_a", 16);
-        let (b_tx, b_rx) = hitcounter_pipeline::channel("test_combine_b", 16);
+        let (flush_tx, flush_rx) = hitcounter_pipeline::channel("test_combine_flushes", 16);
         let settings = CombineSettings {
             max_deltas: 1000,
             interval: Duration::from_millis(5),
         };
-        let stage = tokio::spawn(run(hits_rx, vec![a_tx, b_tx], settings));
-        hits_tx
-            .send(vec![hit("x", 1, 2), hit("x", 1, 3), hit("x", 2, 1)])
-            .await
-            .unwrap();
-        hits_tx
-            .send(vec![hit("y", 1, 4), hit("x", 1, 1)])
-            .await
-            .unwrap();
+        let stage = tokio::spawn(run(hits_rx, flush_tx, 2, settings));
+        let (first, _w1) = request(
+            vec![hit("x", 1, 2), hit("x", 1, 3), hit("x", 2, 1)],
+            Some("b1"),
+        );
+        let (second, _w2) = request(vec![hit("y", 1, 4), hit("x", 1, 1)], None);
+        hits_tx.send(first).await.unwrap();
+        hits_tx.send(second).await.unwrap();
         hits_tx.close();
         stage.await.unwrap().unwrap();
         let mut deltas = Vec::new();
-        for rx in [a_rx, b_rx] {
-            while let Some(batch) = rx.try_recv() {
-                for d in batch {
-                    assert_eq!(
-                        shard_of(&d.key, 2),
-                        if rx.name() == "test_combine_a" { 0 } else { 1 }
-                    );
+        let (mut waiters, mut ids) = (0, Vec::new());
+        while let Some(flush) = flush_rx.try_recv() {
+            assert_eq!(flush.shards.len(), 2);
+            for (shard, part) in flush.shards.into_iter().enumerate() {
+                for d in part {
+                    assert_eq!(shard_of(&d.key, 2), shard);
                     deltas.push((d.key, d.second, d.count));
                 }
             }
+            waiters += flush.waiters.len();
+            ids.extend(
+                flush
+                    .batch_ids
+                    .into_iter()
+                    .map(|(id, n)| (id.to_string(), n)),
+            );
         }
         deltas.sort();
         assert_eq!(
             deltas,
             vec![("x".into(), 1, 6), ("x".into(), 2, 1), ("y".into(), 1, 4)]
         );
+        assert_eq!(waiters, 2);
+        assert_eq!(ids, vec![("b1".to_owned(), 6)]);
     }
 }

@@ -1,34 +1,43 @@
-//! The `forward` stage: one per aggregator shard, it delivers that shard's delta batches.
+//! The `forward` stage: one per aggregator shard, it delivers that shard's log to the aggregator.
 //!
-//! Each batch gets the next sequence number of this ingest process (its producer id is random
-//! per process) and goes through the client stack (concurrency limit, retry budget, circuit
-//! breaker, timeout) to the [`ApplyLink`](super::link::ApplyLink). Up to `concurrency` batches
-//! are in flight at once. A batch whose hits were acknowledged to a client must not be dropped,
-//! so a failed delivery is retried with capped backoff for as long as it takes (while the
-//! breaker is open each attempt fails at once, cheaply), until the aggregator is back. Only when
-//! the drain deadline of a shutdown passes does the stage give up, and then it logs and counts
-//! exactly what it dropped.
+//! The forwarder reads its shard's log from the oldest record still held, up to the last seq the
+//! `log` stage has on disk, and sends each record (a batch of deltas, sequence number = log seq,
+//! producer id = this ingest's persistent id + shard) through the client stack (concurrency
+//! limit, retry budget, circuit breaker, timeout) to the [`ApplyLink`](super::link::ApplyLink).
+//! Up to `concurrency` batches are in flight at once.
 //!
-//! While deliveries stall, this stage stops taking batches, the forward channel fills, `combine`
-//! waits, and the bounded hits buffer fills: memory stays bounded and callers see backpressure.
+//! Acks carry the aggregator's `durable_through` (what its newest checkpoint holds), which the
+//! forwarder publishes so the log stage can trim, and its `incarnation`. A new incarnation means
+//! the aggregator restarted from its checkpoint and lost what it applied after it: the forwarder
+//! rewinds to `durable_through + 1` and sends those batches again (the aggregator applies each
+//! (producer, seq) once, so batches it does have are acknowledged as duplicates).
+//!
+//! A failed delivery is retried with capped backoff for as long as it takes (while the breaker is
+//! open each attempt fails at once, cheaply); nothing is ever dropped here, because the log keeps
+//! every batch until the aggregator holds it durably. At shutdown the forwarder stops once it has
+//! delivered everything on disk, or at the drain deadline: what is left stays in the log and is
+//! sent after the next start.
 
-use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use futures::StreamExt;
-use hitcounter_pipeline::StageReceiver;
-use hitcounter_proto::aggregator::v1::{ApplyRequest, ApplyResponse, Delta};
+use futures::{stream::FuturesUnordered, StreamExt};
+use hitcounter_proto::aggregator::v1::{ApplyRequest, ApplyResponse};
 use hitcounter_stack::{ClientStack, StackError};
 use hitcounter_telemetry::CancellationToken;
+use hitcounter_wal::LogReader;
+use prost::Message;
+use tokio::sync::watch;
 use tower::ServiceExt;
+
+use super::log::{lock, SharedLogs};
+use crate::error::IngestError;
 
 /// Longest pause between two delivery attempts of one batch.
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// How often an idle forwarder asks the aggregator for its durable progress.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// Records read from the log per blocking read.
+const READ_CHUNK: usize = 64;
 
 /// What one forwarder needs.
 pub(crate) struct Forwarder {
@@ -36,64 +45,184 @@ pub(crate) struct Forwarder {
     pub(crate) producer_id: u64,
     pub(crate) stack: ClientStack<Arc<ApplyRequest>, ApplyResponse>,
     pub(crate) concurrency: usize,
-    /// Cancelled when the drain deadline passes: stop retrying and drop what is left.
+    pub(crate) logs: SharedLogs,
+    /// The last seq of this shard's log that is on disk.
+    pub(crate) written: watch::Receiver<u64>,
+    /// Where this forwarder publishes what the aggregator holds durably.
+    pub(crate) durable: watch::Sender<u64>,
+    /// Cancelled when the drain deadline passes: stop, leaving the rest in the log.
     pub(crate) abandon: CancellationToken,
 }
 
 impl Forwarder {
-    /// Runs until the forward channel is closed and every batch taken from it is delivered (or
-    /// abandoned at the drain deadline).
-    pub(crate) async fn run(self, batches: StageReceiver<Vec<Delta>>) {
-        // Sequence numbers start at 1: the aggregator tracks "applied through N" from 0.
-        let next_seq = AtomicU64::new(1);
-        let in_flight = metrics::gauge!(
+    async fn open_reader(&self, from: u64) -> Result<LogReader, IngestError> {
+        let logs = Arc::clone(&self.logs);
+        let shard = self.shard;
+        tokio::task::spawn_blocking(move || {
+            let logs = lock(&logs);
+            let log = &logs.shards[shard];
+            // Never before the oldest record held (the rest was trimmed: the aggregator has it).
+            log.reader(from.max(log.first_seq()))
+        })
+        .await
+        .map_err(|e| IngestError::Log(e.to_string()))?
+        .map_err(|e| IngestError::Log(e.to_string()))
+    }
+
+    async fn read(
+        &self,
+        mut reader: LogReader,
+        up_to: u64,
+    ) -> Result<(LogReader, Vec<(u64, Vec<u8>)>), IngestError> {
+        tokio::task::spawn_blocking(move || {
+            let mut records = Vec::new();
+            while records.len() < READ_CHUNK {
+                match reader.next(up_to)? {
+                    Some(record) => records.push(record),
+                    None => break,
+                }
+            }
+            Ok((reader, records))
+        })
+        .await
+        .map_err(|e| IngestError::Log(e.to_string()))?
+        .map_err(|e: hitcounter_wal::LogError| IngestError::Log(e.to_string()))
+    }
+
+    /// Runs until the log stage is done and everything on disk is delivered, or until the drain
+    /// deadline.
+    pub(crate) async fn run(self) -> Result<(), IngestError> {
+        // A local handle: the deliveries in flight borrow `self` while we wait on it.
+        let mut written = self.written.clone();
+        let first = {
+            let logs = lock(&self.logs);
+            logs.shards[self.shard].first_seq()
+        };
+        let mut reader = Some(self.open_reader(first).await?);
+        let mut next = first;
+        let mut durable = first.saturating_sub(1);
+        let mut incarnation: Option<u64> = None;
+        let mut log_open = true;
+        let mut in_flight = FuturesUnordered::new();
+        // While batches are delivered but not yet durable at the aggregator and nothing else is
+        // in flight, a probe (seq 0) asks for its progress: acks are the only way it reports,
+        // and an idle forwarder must still learn what to trim and whether the aggregator
+        // restarted (and lost batches after its checkpoint).
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let in_flight_gauge = metrics::gauge!(
             "hitcounter_ingest_forward_in_flight",
             "shard" => self.shard.to_string()
         );
-        let this = &self;
-        batches
-            .into_stream()
-            .for_each_concurrent(self.concurrency.max(1), |deltas| {
-                let seq = next_seq.fetch_add(1, Ordering::Relaxed);
-                let in_flight = in_flight.clone();
-                async move {
-                    in_flight.increment(1.0);
-                    this.deliver(seq, deltas).await;
-                    in_flight.decrement(1.0);
+        let backlog_gauge = metrics::gauge!(
+            "hitcounter_ingest_forward_backlog_batches",
+            "shard" => self.shard.to_string()
+        );
+        loop {
+            let on_disk = *written.borrow_and_update();
+            // Fill the window from the log.
+            let mut buffered = std::collections::VecDeque::new();
+            while in_flight.len() + buffered.len() < self.concurrency.max(1) && next <= on_disk {
+                let Some(current) = reader.take() else { break };
+                let (current, records) = self.read(current, on_disk).await?;
+                reader = Some(current);
+                if records.is_empty() {
+                    break;
                 }
-            })
-            .await;
+                for (seq, payload) in records {
+                    next = seq + 1;
+                    buffered.push_back((seq, payload));
+                }
+            }
+            for (seq, payload) in buffered {
+                let batch = ApplyRequest::decode(payload.as_slice()).map_err(|e| {
+                    IngestError::Log(format!("shard {} record {seq}: {e}", self.shard))
+                })?;
+                let batch = Arc::new(ApplyRequest {
+                    producer_id: self.producer_id,
+                    seq,
+                    deltas: batch.deltas,
+                });
+                in_flight.push(self.deliver(batch));
+            }
+            in_flight_gauge.set(in_flight.len() as f64);
+            backlog_gauge.set(on_disk.saturating_sub(durable) as f64);
+
+            if in_flight.is_empty() && next > on_disk && !log_open {
+                break;
+            }
+            tokio::select! {
+                delivered = in_flight.next(), if !in_flight.is_empty() => {
+                    let Some(Some(ack)) = delivered else {
+                        // Abandoned at the drain deadline.
+                        if self.abandon.is_cancelled() { break; }
+                        continue;
+                    };
+                    if ack.durable_through > durable {
+                        durable = ack.durable_through.min(on_disk);
+                        self.durable.send_replace(durable);
+                    }
+                    match incarnation {
+                        None => incarnation = Some(ack.incarnation),
+                        Some(known) if known != ack.incarnation => {
+                            incarnation = Some(ack.incarnation);
+                            // The aggregator restarted from its checkpoint: send again what it
+                            // may have lost. Its new `durable_through` is where its state ends.
+                            let from = ack.durable_through.max(durable) + 1;
+                            tracing::warn!(
+                                shard = self.shard,
+                                from,
+                                to = next.saturating_sub(1),
+                                "aggregator restarted: resending batches after its checkpoint"
+                            );
+                            metrics::counter!("hitcounter_ingest_forward_rewinds_total").increment(1);
+                            if from < next {
+                                reader = Some(self.open_reader(from).await?);
+                                next = from;
+                            }
+                        }
+                        Some(_) => {}
+                    }
+                }
+                changed = written.changed(), if log_open => {
+                    if changed.is_err() {
+                        // The log stage finished: deliver what is on disk, then stop.
+                        log_open = false;
+                    }
+                }
+                _ = probe.tick(), if in_flight.is_empty() && durable + 1 < next => {
+                    in_flight.push(self.deliver(Arc::new(ApplyRequest {
+                        producer_id: self.producer_id,
+                        seq: 0,
+                        deltas: Vec::new(),
+                    })));
+                }
+                _ = self.abandon.cancelled() => break,
+            }
+        }
+        if next <= *written.borrow() || !in_flight.is_empty() {
+            tracing::warn!(
+                shard = self.shard,
+                from = durable + 1,
+                "drain deadline passed: undelivered batches stay in the log for the next start"
+            );
+        }
         tracing::debug!(shard = self.shard, "forward drained");
+        Ok(())
     }
 
-    async fn deliver(&self, seq: u64, deltas: Vec<Delta>) {
-        let hits: u64 = deltas.iter().map(|d| d.count).sum();
-        let batch = Arc::new(ApplyRequest {
-            producer_id: self.producer_id,
-            seq,
-            deltas,
-        });
+    /// Delivers one batch, retrying until it is acknowledged; `None` if abandoned.
+    async fn deliver(&self, batch: Arc<ApplyRequest>) -> Option<ApplyResponse> {
+        let hits: u64 = batch.deltas.iter().map(|d| d.count).sum();
         let shard = self.shard.to_string();
         let mut backoff = Duration::from_millis(10);
         let mut attempt = 0u64;
         loop {
             attempt += 1;
-            let result = self.stack.clone().oneshot(Arc::clone(&batch)).await;
-            match result {
+            match self.stack.clone().oneshot(Arc::clone(&batch)).await {
                 Ok(ack) => {
-                    if ack.duplicate && attempt == 1 {
-                        // A first attempt can only be a duplicate if another producer shares
-                        // our id: that would silently drop hits, so say it loudly.
-                        tracing::error!(
-                            shard = self.shard,
-                            seq,
-                            "aggregator reported a first delivery as a duplicate"
-                        );
-                        metrics::counter!("hitcounter_ingest_unexpected_duplicates_total")
-                            .increment(1);
-                    }
-                    metrics::counter!("hitcounter_ingest_forwarded_hits_total", "shard" => shard.clone())
-                        .increment(hits);
+                    metrics::counter!("hitcounter_ingest_forwarded_hits_total", "shard" => shard)
+                        .increment(if ack.duplicate { 0 } else { hits });
                     if ack.dropped > 0 {
                         metrics::counter!("hitcounter_ingest_deltas_dropped_total", "reason" => "aggregator_key_limit")
                             .increment(ack.dropped);
@@ -106,12 +235,12 @@ impl Forwarder {
                     if attempt > 1 {
                         tracing::info!(
                             shard = self.shard,
-                            seq,
+                            seq = batch.seq,
                             attempt,
                             "batch delivered after retries"
                         );
                     }
-                    return;
+                    return Some(ack);
                 }
                 Err(error) => {
                     metrics::counter!(
@@ -121,16 +250,12 @@ impl Forwarder {
                     )
                     .increment(1);
                     if attempt == 1 || attempt % 50 == 0 {
-                        tracing::warn!(shard = self.shard, seq, attempt, %error, "delivery to the aggregator failed; retrying");
+                        tracing::warn!(shard = self.shard, seq = batch.seq, attempt, %error, "delivery to the aggregator failed; retrying");
                     }
                 }
             }
             tokio::select! {
-                _ = self.abandon.cancelled() => {
-                    metrics::counter!("hitcounter_ingest_hits_lost_total").increment(hits);
-                    tracing::error!(shard = self.shard, seq, hits, "drain deadline passed: acknowledged hits dropped undelivered");
-                    return;
-                }
+                _ = self.abandon.cancelled() => return None,
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -1,11 +1,64 @@
 //! The stages of the ingest pipeline, in data-flow order:
 //!
 //! 1. [`combine`]: merges hits of the same (key, second) into deltas and splits them by shard;
-//! 2. [`forward`]: sends each shard's delta batches to its aggregator over a long-lived `Apply`
-//!    stream ([`link`]) through the client stack, until acknowledged.
+//! 2. [`log`]: appends each flush to the shards' durable logs (one fsync for all the requests in
+//!    it: group commit), then acknowledges those requests;
+//! 3. [`forward`]: one per shard, reads its log and sends the batches to the aggregator over a
+//!    long-lived `Apply` stream ([`link`]) through the client stack, until the aggregator reports
+//!    them durable; the log stage then trims them.
 //!
-//! Validation happens before stage 1, in the gRPC handlers (see `crate::validate`).
+//! Validation and the batch-id ledger run before stage 1, in the gRPC handlers.
 
 pub(crate) mod combine;
 pub(crate) mod forward;
 pub(crate) mod link;
+pub(crate) mod log;
+
+use std::sync::Arc;
+
+use hitcounter_proto::aggregator::v1::Delta;
+use tokio::sync::oneshot;
+
+use crate::validate::ValidHit;
+
+/// Why a request's hits could not be made durable.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum DurableError {
+    /// Writing would exceed `--max-buffer-bytes` (the aggregator is not taking data fast enough).
+    #[error("the ingest log holds {used} bytes and this would exceed its budget of {budget} bytes (--max-buffer-bytes): the aggregator is down or slow")]
+    Full {
+        /// Bytes held.
+        used: u64,
+        /// The budget.
+        budget: u64,
+    },
+    /// The disk failed.
+    #[error("cannot write the ingest log: {0}")]
+    Io(String),
+}
+
+/// Tells a waiting request whether its hits are durable.
+pub(crate) type Durable = oneshot::Sender<Result<(), DurableError>>;
+
+/// One request's hits on their way to the log.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    /// The validated hits.
+    pub(crate) hits: Vec<ValidHit>,
+    /// Resolved once the hits are durable (or failed).
+    pub(crate) done: Durable,
+    /// The request's batch id and accepted count, recorded with the hits so that deduplication
+    /// survives a restart.
+    pub(crate) batch_id: Option<(Arc<str>, u64)>,
+}
+
+/// What `combine` hands to `log`: the merged deltas of many requests.
+#[derive(Debug)]
+pub(crate) struct Flush {
+    /// Deltas per shard (index = shard).
+    pub(crate) shards: Vec<Vec<Delta>>,
+    /// The requests whose hits these are.
+    pub(crate) waiters: Vec<Durable>,
+    /// Their batch ids.
+    pub(crate) batch_ids: Vec<(Arc<str>, u64)>,
+}

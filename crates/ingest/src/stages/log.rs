@@ -1,0 +1,291 @@
+//! The `log` stage: makes hits durable before they are acknowledged.
+//!
+//! Each flush from `combine` becomes one record per shard in that shard's log (plus one record
+//! per batch id in the ledger log), then one sync per touched log under the `--fsync` policy, and
+//! only then are the requests in the flush told their hits are durable. Every request merged into
+//! a flush shares its fsync: group commit without any extra waiting.
+//!
+//! Before writing, the stage checks the disk budget (`--max-buffer-bytes`, over all logs): a
+//! flush that does not fit is refused whole, nothing of it is written, and its requests get
+//! `RESOURCE_EXHAUSTED`. The budget fills when the aggregators do not take data (down, slow): the
+//! forwarders keep the log until an aggregator reports a batch durable, and this stage trims
+//! whole segments up to that point.
+//!
+//! I/O errors are fatal for the stage (the service then exits non-zero): after a failed fsync
+//! the log cannot be trusted, and a restart re-reads it with checksums.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use hitcounter_pipeline::StageReceiver;
+use hitcounter_proto::aggregator::v1::ApplyRequest;
+use hitcounter_wal::{Log, LogError, RECORD_HEADER_BYTES};
+use prost::Message;
+use tokio::sync::watch;
+
+use super::{DurableError, Flush};
+use crate::error::IngestError;
+
+/// The logs of one ingest process: one per shard, plus the batch-id ledger.
+pub(crate) struct Logs {
+    pub(crate) shards: Vec<Log>,
+    pub(crate) ledger: Log,
+}
+
+/// The logs, shared by the log stage (the only writer) and the forwarders (which open readers).
+pub(crate) type SharedLogs = Arc<Mutex<Logs>>;
+
+/// Locks the logs. A panic while holding the lock poisons it; the logs are then still consistent
+/// on disk (every write is checksummed), so carrying on is safe.
+pub(crate) fn lock(logs: &SharedLogs) -> MutexGuard<'_, Logs> {
+    logs.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Encodes one ledger record: when, how many hits, the id.
+pub(crate) fn encode_ledger(at_ms: i64, accepted: u64, id: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + id.len());
+    out.extend_from_slice(&at_ms.to_le_bytes());
+    out.extend_from_slice(&accepted.to_le_bytes());
+    out.extend_from_slice(id.as_bytes());
+    out
+}
+
+/// Decodes a ledger record; `None` if it is malformed.
+pub(crate) fn decode_ledger(payload: &[u8]) -> Option<(i64, u64, String)> {
+    let at = i64::from_le_bytes(payload.get(0..8)?.try_into().ok()?);
+    let accepted = u64::from_le_bytes(payload.get(8..16)?.try_into().ok()?);
+    let id = std::str::from_utf8(payload.get(16..)?).ok()?.to_owned();
+    Some((at, accepted, id))
+}
+
+/// The log stage's state.
+pub(crate) struct LogStage {
+    pub(crate) logs: SharedLogs,
+    /// Bytes all logs may hold.
+    pub(crate) budget: u64,
+    /// Per shard: the last seq on disk (`Log::durable_seq`); forwarders send only up to it, so
+    /// a seq can never be handed out twice, even after an OS crash that loses an unsynced tail.
+    pub(crate) written: Vec<watch::Sender<u64>>,
+    /// With `--fsync never`, the background sync that lets forwarding proceed.
+    pub(crate) background_sync: Option<Duration>,
+    /// Per shard: the last seq the aggregator holds durably; trimmed up to it.
+    pub(crate) durable: Vec<watch::Receiver<u64>>,
+    /// Ledger records still inside the dedup horizon: (seq, at_ms), oldest first.
+    pub(crate) ledger_times: VecDeque<(u64, i64)>,
+    /// How long batch ids are remembered.
+    pub(crate) horizon: Duration,
+    /// When the background sync last ran.
+    pub(crate) last_background_sync: Mutex<std::time::Instant>,
+}
+
+impl LogStage {
+    /// Runs until `combine` closes the flush channel, then syncs everything and returns.
+    pub(crate) async fn run(self, flushes: StageReceiver<Flush>) -> Result<(), IngestError> {
+        let stage = Arc::new(self);
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(100));
+        housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let bytes_gauge = metrics::gauge!("hitcounter_ingest_log_bytes");
+        let budget_gauge = metrics::gauge!("hitcounter_ingest_log_budget_bytes");
+        budget_gauge.set(stage.budget as f64);
+        let mut ledger_times = stage.ledger_times.clone();
+        loop {
+            tokio::select! {
+                flush = flushes.recv() => {
+                    let Some(flush) = flush else { break };
+                    let this = Arc::clone(&stage);
+                    let (written, times) = tokio::task::spawn_blocking(move || this.write(flush))
+                        .await
+                        .map_err(|e| IngestError::Log(e.to_string()))??;
+                    for (shard, seq) in written {
+                        stage.written[shard].send_replace(seq);
+                    }
+                    ledger_times.extend(times);
+                }
+                _ = housekeeping.tick() => {
+                    let this = Arc::clone(&stage);
+                    let times = std::mem::take(&mut ledger_times);
+                    let (used, times, on_disk) = tokio::task::spawn_blocking(move || this.housekeep(times))
+                        .await
+                        .map_err(|e| IngestError::Log(e.to_string()))??;
+                    ledger_times = times;
+                    bytes_gauge.set(used as f64);
+                    for (shard, seq) in on_disk.into_iter().enumerate() {
+                        stage.written[shard].send_if_modified(|current| {
+                            let newer = seq > *current;
+                            if newer {
+                                *current = seq;
+                            }
+                            newer
+                        });
+                    }
+                }
+            }
+        }
+        let this = Arc::clone(&stage);
+        tokio::task::spawn_blocking(move || {
+            let mut logs = lock(&this.logs);
+            for log in logs.shards.iter_mut() {
+                log.sync_now()?;
+            }
+            logs.ledger.sync_now()
+        })
+        .await
+        .map_err(|e| IngestError::Log(e.to_string()))?
+        .map_err(|e| IngestError::Log(e.to_string()))?;
+        tracing::debug!("log stage drained");
+        Ok(())
+    }
+
+    /// Writes one flush. Returns the new last seq of every shard written and the ledger records
+    /// written. Blocking.
+    #[allow(clippy::type_complexity)]
+    fn write(&self, flush: Flush) -> Result<(Vec<(usize, u64)>, Vec<(u64, i64)>), IngestError> {
+        let Flush {
+            shards,
+            waiters,
+            batch_ids,
+        } = flush;
+        let payloads: Vec<(usize, Vec<u8>)> = shards
+            .into_iter()
+            .enumerate()
+            .filter(|(_, deltas)| !deltas.is_empty())
+            .map(|(shard, deltas)| {
+                let batch = ApplyRequest {
+                    producer_id: 0,
+                    seq: 0,
+                    deltas,
+                };
+                (shard, batch.encode_to_vec())
+            })
+            .collect();
+        let now_ms = crate::validate::now_ms();
+        let ledger: Vec<Vec<u8>> = batch_ids
+            .iter()
+            .map(|(id, accepted)| encode_ledger(now_ms, *accepted, id))
+            .collect();
+        let adding: u64 = payloads
+            .iter()
+            .map(|(_, p)| p.len())
+            .chain(ledger.iter().map(Vec::len))
+            .map(|n| (n + RECORD_HEADER_BYTES) as u64)
+            .sum();
+
+        let mut logs = lock(&self.logs);
+        let used = logs.shards.iter().map(Log::size_bytes).sum::<u64>() + logs.ledger.size_bytes();
+        if used + adding > self.budget {
+            let error = DurableError::Full {
+                used,
+                budget: self.budget,
+            };
+            metrics::counter!("hitcounter_ingest_log_full_total").increment(1);
+            for waiter in waiters {
+                let _ = waiter.send(Err(error.clone()));
+            }
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let result = (|| -> Result<_, LogError> {
+            let mut written = Vec::with_capacity(payloads.len());
+            for (shard, payload) in &payloads {
+                let log = &mut logs.shards[*shard];
+                log.append(&[payload.as_slice()])?;
+                log.sync()?;
+                written.push((*shard, log.durable_seq()));
+            }
+            let mut times = Vec::with_capacity(ledger.len());
+            if !ledger.is_empty() {
+                let records: Vec<&[u8]> = ledger.iter().map(Vec::as_slice).collect();
+                let seqs = logs.ledger.append(&records)?;
+                logs.ledger.sync()?;
+                times.extend(seqs.map(|seq| (seq, now_ms)));
+            }
+            Ok((written, times))
+        })();
+        match result {
+            Ok(done) => {
+                metrics::counter!("hitcounter_ingest_log_bytes_written_total").increment(adding);
+                for waiter in waiters {
+                    let _ = waiter.send(Ok(()));
+                }
+                Ok(done)
+            }
+            Err(error) => {
+                let failure = DurableError::Io(error.to_string());
+                for waiter in waiters {
+                    let _ = waiter.send(Err(failure.clone()));
+                }
+                Err(IngestError::Log(error.to_string()))
+            }
+        }
+    }
+
+    /// Periodic work: sync (for `--fsync interval`), trim what the aggregators hold durably and
+    /// ledger records past the horizon. Returns the bytes held. Blocking.
+    #[allow(clippy::type_complexity)]
+    fn housekeep(
+        &self,
+        mut ledger_times: VecDeque<(u64, i64)>,
+    ) -> Result<(u64, VecDeque<(u64, i64)>, Vec<u64>), IngestError> {
+        let mut logs = lock(&self.logs);
+        let fail = |e: LogError| IngestError::Log(e.to_string());
+        let background = self.background_sync.is_some_and(|every| {
+            let mut last = self
+                .last_background_sync
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let due = last.elapsed() >= every;
+            if due {
+                *last = std::time::Instant::now();
+            }
+            due
+        });
+        let mut on_disk = Vec::with_capacity(logs.shards.len());
+        for (shard, log) in logs.shards.iter_mut().enumerate() {
+            if background {
+                log.sync_now().map_err(fail)?;
+            } else {
+                log.sync().map_err(fail)?;
+            }
+            on_disk.push(log.durable_seq());
+            let durable = *self.durable[shard].borrow();
+            if durable >= log.first_seq() {
+                let freed = log.trim(durable).map_err(fail)?;
+                if freed > 0 {
+                    tracing::debug!(shard, durable, freed, "log trimmed");
+                }
+            }
+        }
+        logs.ledger.sync().map_err(fail)?;
+        let oldest = crate::validate::now_ms() - self.horizon.as_millis() as i64;
+        let mut expired = None;
+        while let Some(&(seq, at)) = ledger_times.front() {
+            if at >= oldest {
+                break;
+            }
+            expired = Some(seq);
+            ledger_times.pop_front();
+        }
+        if let Some(seq) = expired {
+            logs.ledger.trim(seq).map_err(fail)?;
+        }
+        let used = logs.shards.iter().map(Log::size_bytes).sum::<u64>() + logs.ledger.size_bytes();
+        Ok((used, ledger_times, on_disk))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_records_round_trip() {
+        let record = encode_ledger(1_700_000_000_123, 42, "batch-é");
+        assert_eq!(
+            decode_ledger(&record),
+            Some((1_700_000_000_123, 42, "batch-é".to_owned()))
+        );
+        assert_eq!(decode_ledger(&record[..10]), None);
+    }
+}

@@ -1,0 +1,181 @@
+//! Ingest's data directory: what survives a restart.
+//!
+//! ```text
+//! <data-dir>/producer-id    this instance's id towards the aggregators (random, made once)
+//! <data-dir>/shards         the shard count the logs were written for
+//! <data-dir>/shard-<i>/     the log of shard i (see hitcounter-wal)
+//! <data-dir>/ledger/        the batch-id ledger log
+//! ```
+//!
+//! Opening it recovers every log (checksums, torn tails cut), restores the batch ids still
+//! inside the dedup horizon, and reports what will be replayed to the aggregators.
+
+use std::{
+    collections::VecDeque,
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use hitcounter_wal::{FsyncPolicy, Log, LogConfig};
+
+use crate::{error::IngestError, ledger::BatchLedger, stages::log::Logs};
+
+/// What opening the data directory produced.
+pub(crate) struct Opened {
+    pub(crate) producer_id: u64,
+    pub(crate) logs: Logs,
+    /// Ledger records inside the horizon: (seq, at_ms), oldest first.
+    pub(crate) ledger_times: VecDeque<(u64, i64)>,
+}
+
+fn failed(path: &Path) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
+    move |e| IngestError::Startup(format!("{}: {e}", path.display()))
+}
+
+fn write_durably(path: &Path, content: &str) -> Result<(), IngestError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp).map_err(failed(&tmp))?;
+    file.write_all(content.as_bytes()).map_err(failed(&tmp))?;
+    file.sync_all().map_err(failed(&tmp))?;
+    fs::rename(&tmp, path).map_err(failed(path))?;
+    if let Some(dir) = path.parent() {
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(failed(dir))?;
+    }
+    Ok(())
+}
+
+fn read_number(path: &Path) -> Result<Option<u64>, IngestError> {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            text.trim().parse().map(Some).map_err(|e| {
+                IngestError::Startup(format!("{} is not a number: {e}", path.display()))
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(failed(path)(e)),
+    }
+}
+
+/// Opens (creating) the data directory. Blocking: run it on a blocking thread.
+pub(crate) fn open(
+    dir: &Path,
+    shards: usize,
+    fsync: FsyncPolicy,
+    segment_bytes: u64,
+    ledger: &BatchLedger,
+    horizon: Duration,
+) -> Result<Opened, IngestError> {
+    let started = std::time::Instant::now();
+    fs::create_dir_all(dir).map_err(failed(dir))?;
+
+    let id_path = dir.join("producer-id");
+    let producer_id = match read_number(&id_path)? {
+        Some(id) => id,
+        None => {
+            let id: u64 = rand::random();
+            write_durably(&id_path, &format!("{id}\n"))?;
+            id
+        }
+    };
+
+    let shards_path = dir.join("shards");
+    let open_log = |path: PathBuf| {
+        let config = LogConfig {
+            dir: path.clone(),
+            segment_bytes,
+            fsync,
+        };
+        Log::open(config).map_err(|e| IngestError::Startup(format!("{}: {e}", path.display())))
+    };
+    if let Some(before) = read_number(&shards_path)? {
+        if before != shards as u64 {
+            // Records already in a shard log belong to that shard's aggregator; re-sharding them
+            // is not supported, so refuse rather than send them to the wrong place.
+            for i in 0..before as usize {
+                let path = dir.join(format!("shard-{i}"));
+                if path.exists() {
+                    let (log, _) = open_log(path.clone())?;
+                    if log.first_seq() < log.next_seq() {
+                        return Err(IngestError::Startup(format!(
+                            "{} holds undelivered batches for {before} shards but {shards} are configured: start with the old --aggregator list until the backlog drains, or move the directory away (losing it)",
+                            dir.display()
+                        )));
+                    }
+                }
+            }
+        }
+    }
+    write_durably(&shards_path, &format!("{shards}\n"))?;
+
+    let mut logs = Vec::with_capacity(shards);
+    let mut replay = 0;
+    for i in 0..shards {
+        let (log, recovery) = open_log(dir.join(format!("shard-{i}")))?;
+        if let Some(cut) = &recovery.truncated {
+            tracing::warn!(
+                shard = i,
+                file = %cut.file.display(),
+                offset = cut.offset,
+                bytes = cut.bytes_dropped,
+                reason = %cut.reason,
+                "cut a torn write at the end of the log"
+            );
+        }
+        replay += log.next_seq() - log.first_seq();
+        logs.push(log);
+    }
+
+    let (ledger_log, ledger_recovery) = open_log(dir.join("ledger"))?;
+    if let Some(cut) = &ledger_recovery.truncated {
+        tracing::warn!(file = %cut.file.display(), offset = cut.offset, "cut a torn write at the end of the ledger");
+    }
+    let now_ms = crate::validate::now_ms();
+    let mut ledger_times = VecDeque::new();
+    let mut reader = ledger_log
+        .reader(ledger_log.first_seq())
+        .map_err(|e| IngestError::Startup(e.to_string()))?;
+    let last = ledger_log.next_seq().saturating_sub(1);
+    let mut restored = 0u64;
+    while let Some((seq, payload)) = reader
+        .next(last)
+        .map_err(|e| IngestError::Startup(e.to_string()))?
+    {
+        let Some((at_ms, accepted, id)) = crate::stages::log::decode_ledger(&payload) else {
+            return Err(IngestError::Startup(format!(
+                "ledger record {seq} in {} is malformed",
+                ledger_log.dir().display()
+            )));
+        };
+        let age = Duration::from_millis(now_ms.saturating_sub(at_ms).max(0) as u64);
+        if age < horizon {
+            ledger.restore(&id, accepted, age);
+            ledger_times.push_back((seq, at_ms));
+            restored += 1;
+        }
+    }
+
+    let took = started.elapsed();
+    metrics::gauge!("hitcounter_ingest_recovery_seconds").set(took.as_secs_f64());
+    metrics::gauge!("hitcounter_ingest_recovered_batches").set(replay as f64);
+    metrics::gauge!("hitcounter_ingest_recovered_batch_ids").set(restored as f64);
+    tracing::info!(
+        dir = %dir.display(),
+        producer_id,
+        batches_to_replay = replay,
+        batch_ids = restored,
+        seconds = took.as_secs_f64(),
+        "ingest state recovered"
+    );
+    Ok(Opened {
+        producer_id,
+        logs: Logs {
+            shards: logs,
+            ledger: ledger_log,
+        },
+        ledger_times,
+    })
+}
