@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "hitcounter/v1/hitcounter.proto",
     "hitcounter/aggregator/v1/aggregator.proto",
     "hitcounter/aggregator/v1/checkpoint.proto",
+    "hitcounter/ingest/v1/log.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

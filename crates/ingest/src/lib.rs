@@ -96,18 +96,14 @@ pub async fn serve(
         hitcounter_pipeline::channel("ingest_flushes", config.flush_channel_capacity);
     let mut forwarders = JoinSet::new();
     let mut links = Vec::with_capacity(shards);
-    let mut written_txs = Vec::with_capacity(shards);
+    let on_disk = stages::log::lock(&logs).main.durable_seq();
+    let (written_tx, written_rx) = tokio::sync::watch::channel(on_disk);
     let mut durable_rxs = Vec::with_capacity(shards);
     for (shard, channel) in channels.into_iter().enumerate() {
         let link = ApplyLink::new(channel, max_message, config.forward_concurrency * 2);
         let (stack, _breaker) =
             hitcounter_stack::build("ingest", shard, &stack_config, link.clone())
                 .map_err(|e| IngestError::Startup(e.to_string()))?;
-        let on_disk = {
-            let logs = stages::log::lock(&logs);
-            logs.shards[shard].durable_seq()
-        };
-        let (written_tx, written_rx) = tokio::sync::watch::channel(on_disk);
         let (durable_tx, durable_rx) = tokio::sync::watch::channel(0);
         let forwarder = Forwarder {
             shard,
@@ -117,7 +113,7 @@ pub async fn serve(
             stack,
             concurrency: config.forward_concurrency,
             logs: Arc::clone(&logs),
-            written: written_rx,
+            written: written_rx.clone(),
             durable: durable_tx,
             abandon: abandon.clone(),
         };
@@ -126,14 +122,13 @@ pub async fn serve(
                 .run()
                 .instrument(tracing::info_span!("forward", shard)),
         );
-        written_txs.push(written_tx);
         durable_rxs.push(durable_rx);
         links.push(link);
     }
     let log_stage = LogStage {
         logs: Arc::clone(&logs),
         budget: config.max_buffer_bytes,
-        written: written_txs,
+        written: written_tx,
         durable: durable_rxs,
         ledger_times: opened.ledger_times,
         horizon: config.dedup_horizon(),

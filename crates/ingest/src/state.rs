@@ -2,13 +2,16 @@
 //!
 //! ```text
 //! <data-dir>/producer-id    this instance's id towards the aggregators (random, made once)
-//! <data-dir>/shards         the shard count the logs were written for
-//! <data-dir>/shard-<i>/     the log of shard i (see hitcounter-wal)
+//! <data-dir>/shards         the shard count the log was written for
+//! <data-dir>/log/           the ingest log: one record per flush (see hitcounter-wal)
 //! <data-dir>/ledger/        the batch-id ledger log
 //! ```
 //!
-//! Opening it recovers every log (checksums, torn tails cut), restores the batch ids still
-//! inside the dedup horizon, and reports what will be replayed to the aggregators.
+//! Opening it recovers both logs (checksums, torn tails cut), restores the batch ids still
+//! inside the dedup horizon, and reports what will be replayed to the aggregators. Batch ids
+//! are read from the ledger and from the ingest log's records (which carry them atomically with
+//! the hits); ids found only in the ingest log (a crash came between the two appends) are
+//! written to the ledger again, so they outlive the ingest log's trimming.
 
 use std::{
     collections::VecDeque,
@@ -18,7 +21,9 @@ use std::{
     time::Duration,
 };
 
+use hitcounter_proto::ingest::v1::LoggedFlush;
 use hitcounter_wal::{FsyncPolicy, Log, LogConfig};
+use prost::Message;
 
 use crate::{error::IngestError, ledger::BatchLedger, stages::log::Logs};
 
@@ -91,59 +96,41 @@ pub(crate) fn open(
         };
         Log::open(config).map_err(|e| IngestError::Startup(format!("{}: {e}", path.display())))
     };
+    let (mut main, recovery) = open_log(dir.join("log"))?;
+    if let Some(cut) = &recovery.truncated {
+        tracing::warn!(
+            file = %cut.file.display(),
+            offset = cut.offset,
+            bytes = cut.bytes_dropped,
+            reason = %cut.reason,
+            "cut a torn write at the end of the ingest log"
+        );
+    }
+    let replay = main.next_seq() - main.first_seq();
     if let Some(before) = read_number(&shards_path)? {
-        if before != shards as u64 {
-            // Records already in a shard log belong to that shard's aggregator; re-sharding them
-            // is not supported, so refuse rather than send them to the wrong place.
-            for i in 0..before as usize {
-                let path = dir.join(format!("shard-{i}"));
-                if path.exists() {
-                    let (log, _) = open_log(path.clone())?;
-                    if log.first_seq() < log.next_seq() {
-                        return Err(IngestError::Startup(format!(
-                            "{} holds undelivered batches for {before} shards but {shards} are configured: start with the old --aggregator list until the backlog drains, or move the directory away (losing it)",
-                            dir.display()
-                        )));
-                    }
-                }
-            }
+        if before != shards as u64 && replay > 0 {
+            // The records hold deltas already split for `before` shards; re-sharding them is not
+            // supported, so refuse rather than send them to the wrong place.
+            return Err(IngestError::Startup(format!(
+                "{} holds undelivered batches for {before} shards but {shards} are configured: start with the old --aggregator list until the backlog drains, or move the directory away (losing it)",
+                dir.display()
+            )));
         }
     }
     write_durably(&shards_path, &format!("{shards}\n"))?;
 
-    let mut logs = Vec::with_capacity(shards);
-    let mut replay = 0;
-    for i in 0..shards {
-        let (log, recovery) = open_log(dir.join(format!("shard-{i}")))?;
-        if let Some(cut) = &recovery.truncated {
-            tracing::warn!(
-                shard = i,
-                file = %cut.file.display(),
-                offset = cut.offset,
-                bytes = cut.bytes_dropped,
-                reason = %cut.reason,
-                "cut a torn write at the end of the log"
-            );
-        }
-        replay += log.next_seq() - log.first_seq();
-        logs.push(log);
-    }
-
-    let (ledger_log, ledger_recovery) = open_log(dir.join("ledger"))?;
+    let (mut ledger_log, ledger_recovery) = open_log(dir.join("ledger"))?;
     if let Some(cut) = &ledger_recovery.truncated {
         tracing::warn!(file = %cut.file.display(), offset = cut.offset, "cut a torn write at the end of the ledger");
     }
+    let startup = |e: hitcounter_wal::LogError| IngestError::Startup(e.to_string());
     let now_ms = crate::validate::now_ms();
     let mut ledger_times = VecDeque::new();
-    let mut reader = ledger_log
-        .reader(ledger_log.first_seq())
-        .map_err(|e| IngestError::Startup(e.to_string()))?;
-    let last = ledger_log.next_seq().saturating_sub(1);
+    let mut known = std::collections::HashSet::new();
     let mut restored = 0u64;
-    while let Some((seq, payload)) = reader
-        .next(last)
-        .map_err(|e| IngestError::Startup(e.to_string()))?
-    {
+    let mut reader = ledger_log.reader(ledger_log.first_seq()).map_err(startup)?;
+    let last = ledger_log.next_seq().saturating_sub(1);
+    while let Some((seq, payload)) = reader.next(last).map_err(startup)? {
         let Some((at_ms, accepted, id)) = crate::stages::log::decode_ledger(&payload) else {
             return Err(IngestError::Startup(format!(
                 "ledger record {seq} in {} is malformed",
@@ -154,9 +141,40 @@ pub(crate) fn open(
         if age < horizon {
             ledger.restore(&id, accepted, age);
             ledger_times.push_back((seq, at_ms));
+            known.insert(id);
             restored += 1;
         }
     }
+    // Ids in the ingest log that the ledger lacks.
+    let mut missing = Vec::new();
+    let mut reader = main.reader(main.first_seq()).map_err(startup)?;
+    let last = main.next_seq().saturating_sub(1);
+    while let Some((seq, payload)) = reader.next(last).map_err(startup)? {
+        let flush = LoggedFlush::decode(payload.as_slice()).map_err(|e| {
+            IngestError::Startup(format!("record {seq} in {}: {e}", main.dir().display()))
+        })?;
+        for id in flush.batch_ids {
+            if !known.contains(&id.batch_id) {
+                missing.push(crate::stages::log::encode_ledger(
+                    flush.at_ms,
+                    id.accepted,
+                    &id.batch_id,
+                ));
+                let age = Duration::from_millis(now_ms.saturating_sub(flush.at_ms).max(0) as u64);
+                ledger.restore(&id.batch_id, id.accepted, age);
+                known.insert(id.batch_id);
+                restored += 1;
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let records: Vec<&[u8]> = missing.iter().map(Vec::as_slice).collect();
+        let seqs = ledger_log.append(&records).map_err(startup)?;
+        ledger_log.sync_now().map_err(startup)?;
+        ledger_times.extend(seqs.map(|seq| (seq, now_ms)));
+        tracing::info!(ids = missing.len(), "batch ids re-recorded in the ledger");
+    }
+    main.sync_now().map_err(startup)?;
 
     let took = started.elapsed();
     metrics::gauge!("hitcounter_ingest_recovery_seconds").set(took.as_secs_f64());
@@ -173,7 +191,7 @@ pub(crate) fn open(
     Ok(Opened {
         producer_id,
         logs: Logs {
-            shards: logs,
+            main,
             ledger: ledger_log,
         },
         ledger_times,

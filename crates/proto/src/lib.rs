@@ -2,7 +2,9 @@
 //!
 //! - [`v1`] is the public contract (`hitcounter.v1`): the `Ingest` and `Query` services that users,
 //!   grpcurl and stubs in other languages call.
-//! - [`aggregator::v1`] is the internal API between ingest/query and the aggregator shards.
+//! - [`aggregator::v1`] is the internal API between ingest/query and the aggregator shards, and
+//!   the aggregator's checkpoint format.
+//! - [`ingest::v1`] is ingest's log record format.
 //! - [`FILE_DESCRIPTOR_SET`] feeds server reflection, so grpcurl works without proto files.
 //!
 //! The code is generated at build time from `proto/` by `build.rs` (pure-Rust `protox`, no system
@@ -20,6 +22,14 @@ pub mod aggregator {
     /// Package `hitcounter.aggregator.v1`.
     pub mod v1 {
         tonic::include_proto!("hitcounter.aggregator.v1");
+    }
+}
+
+/// Ingest's storage formats.
+pub mod ingest {
+    /// Package `hitcounter.ingest.v1`.
+    pub mod v1 {
+        tonic::include_proto!("hitcounter.ingest.v1");
     }
 }
 

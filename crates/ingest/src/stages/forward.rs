@@ -1,9 +1,11 @@
 //! The `forward` stage: one per aggregator shard, it delivers that shard's log to the aggregator.
 //!
-//! The forwarder reads its shard's log from the oldest record still held, up to the last seq the
-//! `log` stage has on disk, and sends each record (a batch of deltas, sequence number = log seq,
-//! producer id = this ingest's persistent id + shard) through the client stack (concurrency
-//! limit, retry budget, circuit breaker, timeout) to the [`ApplyLink`](super::link::ApplyLink).
+//! The forwarder reads the ingest log from the oldest record still held, up to the last seq the
+//! `log` stage has on disk, takes its shard's deltas out of each record, and sends them as one
+//! batch (sequence number = log seq, producer id = this ingest's persistent id + shard) through
+//! the client stack (concurrency limit, retry budget, circuit breaker, timeout) to the
+//! [`ApplyLink`](super::link::ApplyLink). A record with nothing for this shard is still sent,
+//! empty, so that the aggregator sees every seq and its "applied through" watermark advances.
 //! Up to `concurrency` batches are in flight at once.
 //!
 //! Acks carry the aggregator's `durable_through` (what its newest checkpoint holds), which the
@@ -21,7 +23,10 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::{stream::FuturesUnordered, StreamExt};
-use hitcounter_proto::aggregator::v1::{ApplyRequest, ApplyResponse};
+use hitcounter_proto::{
+    aggregator::v1::{ApplyRequest, ApplyResponse},
+    ingest::v1::LoggedFlush,
+};
 use hitcounter_stack::{ClientStack, StackError};
 use hitcounter_telemetry::CancellationToken;
 use hitcounter_wal::LogReader;
@@ -46,7 +51,7 @@ pub(crate) struct Forwarder {
     pub(crate) stack: ClientStack<Arc<ApplyRequest>, ApplyResponse>,
     pub(crate) concurrency: usize,
     pub(crate) logs: SharedLogs,
-    /// The last seq of this shard's log that is on disk.
+    /// The last seq of the ingest log that is on disk.
     pub(crate) written: watch::Receiver<u64>,
     /// Where this forwarder publishes what the aggregator holds durably.
     pub(crate) durable: watch::Sender<u64>,
@@ -57,10 +62,9 @@ pub(crate) struct Forwarder {
 impl Forwarder {
     async fn open_reader(&self, from: u64) -> Result<LogReader, IngestError> {
         let logs = Arc::clone(&self.logs);
-        let shard = self.shard;
         tokio::task::spawn_blocking(move || {
             let logs = lock(&logs);
-            let log = &logs.shards[shard];
+            let log = &logs.main;
             // Never before the oldest record held (the rest was trimmed: the aggregator has it).
             log.reader(from.max(log.first_seq()))
         })
@@ -96,7 +100,7 @@ impl Forwarder {
         let mut written = self.written.clone();
         let first = {
             let logs = lock(&self.logs);
-            logs.shards[self.shard].first_seq()
+            logs.main.first_seq()
         };
         let mut reader = Some(self.open_reader(first).await?);
         let mut next = first;
@@ -135,13 +139,18 @@ impl Forwarder {
                 }
             }
             for (seq, payload) in buffered {
-                let batch = ApplyRequest::decode(payload.as_slice()).map_err(|e| {
-                    IngestError::Log(format!("shard {} record {seq}: {e}", self.shard))
-                })?;
+                let flush = LoggedFlush::decode(payload.as_slice())
+                    .map_err(|e| IngestError::Log(format!("log record {seq}: {e}")))?;
+                let deltas = flush
+                    .shards
+                    .into_iter()
+                    .nth(self.shard)
+                    .map(|part| part.deltas)
+                    .unwrap_or_default();
                 let batch = Arc::new(ApplyRequest {
                     producer_id: self.producer_id,
                     seq,
-                    deltas: batch.deltas,
+                    deltas,
                 });
                 in_flight.push(self.deliver(batch));
             }

@@ -1,9 +1,12 @@
 //! The `log` stage: makes hits durable before they are acknowledged.
 //!
-//! Each flush from `combine` becomes one record per shard in that shard's log (plus one record
-//! per batch id in the ledger log), then one sync per touched log under the `--fsync` policy, and
-//! only then are the requests in the flush told their hits are durable. Every request merged into
-//! a flush shares its fsync: group commit without any extra waiting.
+//! Each flush from `combine` becomes ONE record in the ingest log, holding every shard's deltas
+//! and the batch ids of the requests in it, so that a crash keeps all of a request or none of it
+//! (with one record per shard, a crash between two appends would keep half a request that its
+//! client, never acknowledged, then sends again). Then one sync under the `--fsync` policy, and
+//! only then are the requests told their hits are durable: every request merged into a flush
+//! shares its fsync, group commit without any extra waiting. The batch ids are also appended to
+//! the ledger log, which outlives the trimming of the ingest log for the dedup horizon.
 //!
 //! Before writing, the stage checks the disk budget (`--max-buffer-bytes`, over all logs): a
 //! flush that does not fit is refused whole, nothing of it is written, and its requests get
@@ -21,7 +24,7 @@ use std::{
 };
 
 use hitcounter_pipeline::StageReceiver;
-use hitcounter_proto::aggregator::v1::ApplyRequest;
+use hitcounter_proto::ingest::v1::{LoggedBatchId, LoggedFlush, ShardDeltas};
 use hitcounter_wal::{Log, LogError, RECORD_HEADER_BYTES};
 use prost::Message;
 use tokio::sync::watch;
@@ -29,9 +32,9 @@ use tokio::sync::watch;
 use super::{DurableError, Flush};
 use crate::error::IngestError;
 
-/// The logs of one ingest process: one per shard, plus the batch-id ledger.
+/// The logs of one ingest process: the ingest log (flushes), and the batch-id ledger.
 pub(crate) struct Logs {
-    pub(crate) shards: Vec<Log>,
+    pub(crate) main: Log,
     pub(crate) ledger: Log,
 }
 
@@ -66,12 +69,13 @@ pub(crate) struct LogStage {
     pub(crate) logs: SharedLogs,
     /// Bytes all logs may hold.
     pub(crate) budget: u64,
-    /// Per shard: the last seq on disk (`Log::durable_seq`); forwarders send only up to it, so
-    /// a seq can never be handed out twice, even after an OS crash that loses an unsynced tail.
-    pub(crate) written: Vec<watch::Sender<u64>>,
+    /// The last seq on disk (`Log::durable_seq`); forwarders send only up to it, so a seq can
+    /// never be handed out twice, even after an OS crash that loses an unsynced tail.
+    pub(crate) written: watch::Sender<u64>,
     /// With `--fsync never`, the background sync that lets forwarding proceed.
     pub(crate) background_sync: Option<Duration>,
-    /// Per shard: the last seq the aggregator holds durably; trimmed up to it.
+    /// Per shard: the last seq that shard's aggregator holds durably; the log is trimmed up to
+    /// the lowest of them.
     pub(crate) durable: Vec<watch::Receiver<u64>>,
     /// Ledger records still inside the dedup horizon: (seq, at_ms), oldest first.
     pub(crate) ledger_times: VecDeque<(u64, i64)>,
@@ -99,8 +103,8 @@ impl LogStage {
                     let (written, times) = tokio::task::spawn_blocking(move || this.write(flush))
                         .await
                         .map_err(|e| IngestError::Log(e.to_string()))??;
-                    for (shard, seq) in written {
-                        stage.written[shard].send_replace(seq);
+                    if let Some(seq) = written {
+                        stage.written.send_replace(seq);
                     }
                     ledger_times.extend(times);
                 }
@@ -112,24 +116,20 @@ impl LogStage {
                         .map_err(|e| IngestError::Log(e.to_string()))??;
                     ledger_times = times;
                     bytes_gauge.set(used as f64);
-                    for (shard, seq) in on_disk.into_iter().enumerate() {
-                        stage.written[shard].send_if_modified(|current| {
-                            let newer = seq > *current;
-                            if newer {
-                                *current = seq;
-                            }
-                            newer
-                        });
-                    }
+                    stage.written.send_if_modified(|current| {
+                        let newer = on_disk > *current;
+                        if newer {
+                            *current = on_disk;
+                        }
+                        newer
+                    });
                 }
             }
         }
         let this = Arc::clone(&stage);
         tokio::task::spawn_blocking(move || {
             let mut logs = lock(&this.logs);
-            for log in logs.shards.iter_mut() {
-                log.sync_now()?;
-            }
+            logs.main.sync_now()?;
             logs.ledger.sync_now()
         })
         .await
@@ -139,42 +139,42 @@ impl LogStage {
         Ok(())
     }
 
-    /// Writes one flush. Returns the new last seq of every shard written and the ledger records
-    /// written. Blocking.
+    /// Writes one flush. Returns the new last seq on disk (if anything was written) and the
+    /// ledger records written. Blocking.
     #[allow(clippy::type_complexity)]
-    fn write(&self, flush: Flush) -> Result<(Vec<(usize, u64)>, Vec<(u64, i64)>), IngestError> {
+    fn write(&self, flush: Flush) -> Result<(Option<u64>, Vec<(u64, i64)>), IngestError> {
         let Flush {
             shards,
             waiters,
             batch_ids,
         } = flush;
-        let payloads: Vec<(usize, Vec<u8>)> = shards
-            .into_iter()
-            .enumerate()
-            .filter(|(_, deltas)| !deltas.is_empty())
-            .map(|(shard, deltas)| {
-                let batch = ApplyRequest {
-                    producer_id: 0,
-                    seq: 0,
-                    deltas,
-                };
-                (shard, batch.encode_to_vec())
-            })
-            .collect();
         let now_ms = crate::validate::now_ms();
+        let record = LoggedFlush {
+            shards: shards
+                .into_iter()
+                .map(|deltas| ShardDeltas { deltas })
+                .collect(),
+            batch_ids: batch_ids
+                .iter()
+                .map(|(id, accepted)| LoggedBatchId {
+                    batch_id: id.to_string(),
+                    accepted: *accepted,
+                })
+                .collect(),
+            at_ms: now_ms,
+        }
+        .encode_to_vec();
         let ledger: Vec<Vec<u8>> = batch_ids
             .iter()
             .map(|(id, accepted)| encode_ledger(now_ms, *accepted, id))
             .collect();
-        let adding: u64 = payloads
-            .iter()
-            .map(|(_, p)| p.len())
+        let adding: u64 = std::iter::once(record.len())
             .chain(ledger.iter().map(Vec::len))
             .map(|n| (n + RECORD_HEADER_BYTES) as u64)
             .sum();
 
         let mut logs = lock(&self.logs);
-        let used = logs.shards.iter().map(Log::size_bytes).sum::<u64>() + logs.ledger.size_bytes();
+        let used = logs.main.size_bytes() + logs.ledger.size_bytes();
         if used + adding > self.budget {
             let error = DurableError::Full {
                 used,
@@ -184,16 +184,11 @@ impl LogStage {
             for waiter in waiters {
                 let _ = waiter.send(Err(error.clone()));
             }
-            return Ok((Vec::new(), Vec::new()));
+            return Ok((None, Vec::new()));
         }
         let result = (|| -> Result<_, LogError> {
-            let mut written = Vec::with_capacity(payloads.len());
-            for (shard, payload) in &payloads {
-                let log = &mut logs.shards[*shard];
-                log.append(&[payload.as_slice()])?;
-                log.sync()?;
-                written.push((*shard, log.durable_seq()));
-            }
+            logs.main.append(&[record.as_slice()])?;
+            logs.main.sync()?;
             let mut times = Vec::with_capacity(ledger.len());
             if !ledger.is_empty() {
                 let records: Vec<&[u8]> = ledger.iter().map(Vec::as_slice).collect();
@@ -201,7 +196,7 @@ impl LogStage {
                 logs.ledger.sync()?;
                 times.extend(seqs.map(|seq| (seq, now_ms)));
             }
-            Ok((written, times))
+            Ok((Some(logs.main.durable_seq()), times))
         })();
         match result {
             Ok(done) => {
@@ -227,7 +222,7 @@ impl LogStage {
     fn housekeep(
         &self,
         mut ledger_times: VecDeque<(u64, i64)>,
-    ) -> Result<(u64, VecDeque<(u64, i64)>, Vec<u64>), IngestError> {
+    ) -> Result<(u64, VecDeque<(u64, i64)>, u64), IngestError> {
         let mut logs = lock(&self.logs);
         let fail = |e: LogError| IngestError::Log(e.to_string());
         let background = self.background_sync.is_some_and(|every| {
@@ -241,20 +236,18 @@ impl LogStage {
             }
             due
         });
-        let mut on_disk = Vec::with_capacity(logs.shards.len());
-        for (shard, log) in logs.shards.iter_mut().enumerate() {
-            if background {
-                log.sync_now().map_err(fail)?;
-            } else {
-                log.sync().map_err(fail)?;
-            }
-            on_disk.push(log.durable_seq());
-            let durable = *self.durable[shard].borrow();
-            if durable >= log.first_seq() {
-                let freed = log.trim(durable).map_err(fail)?;
-                if freed > 0 {
-                    tracing::debug!(shard, durable, freed, "log trimmed");
-                }
+        if background {
+            logs.main.sync_now().map_err(fail)?;
+        } else {
+            logs.main.sync().map_err(fail)?;
+        }
+        let on_disk = logs.main.durable_seq();
+        // Every shard's aggregator must hold a flush before it can go.
+        let durable = self.durable.iter().map(|d| *d.borrow()).min().unwrap_or(0);
+        if durable >= logs.main.first_seq() {
+            let freed = logs.main.trim(durable).map_err(fail)?;
+            if freed > 0 {
+                tracing::debug!(durable, freed, "log trimmed");
             }
         }
         logs.ledger.sync().map_err(fail)?;
@@ -270,7 +263,7 @@ impl LogStage {
         if let Some(seq) = expired {
             logs.ledger.trim(seq).map_err(fail)?;
         }
-        let used = logs.shards.iter().map(Log::size_bytes).sum::<u64>() + logs.ledger.size_bytes();
+        let used = logs.main.size_bytes() + logs.ledger.size_bytes();
         Ok((used, ledger_times, on_disk))
     }
 }
