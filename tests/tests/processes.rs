@@ -3,42 +3,17 @@
 //! command does); they are looked up next to this test executable, or in `HITCOUNTER_BIN_DIR`.
 
 use std::{
-    net::SocketAddr,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
-use hitcounter_integration_tests::{connect, eventually};
+use hitcounter_integration_tests::{
+    connect,
+    process::{binary, free_port, serving},
+};
 use hitcounter_proto::v1::{
     ingest_client::IngestClient, query_client::QueryClient, GetHitsRequest, RecordHitRequest,
 };
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
-
-fn binary(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = match std::env::var_os("HITCOUNTER_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        // target/<profile>/deps/<test> → target/<profile>
-        None => std::env::current_exe()?
-            .parent()
-            .and_then(|deps| deps.parent())
-            .ok_or_else(|| anyhow::anyhow!("unexpected test executable location"))?
-            .to_path_buf(),
-    };
-    let path = dir.join(name);
-    anyhow::ensure!(
-        path.is_file(),
-        "{} not found: build the binaries first with `cargo build --bins`",
-        path.display()
-    );
-    Ok(path)
-}
-
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
 
 /// Kills the child on drop, so a failed test leaves no process behind.
 struct Service(Child);
@@ -80,24 +55,6 @@ impl Service {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-}
-
-async fn serving(addr: SocketAddr) -> anyhow::Result<()> {
-    eventually(
-        Duration::from_secs(20),
-        &format!("{addr} to be SERVING"),
-        || async move {
-            let mut health = HealthClient::new(connect(addr).await.ok()?);
-            let response = health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .ok()?;
-            (response.into_inner().status == ServingStatus::Serving as i32).then_some(())
-        },
-    )
-    .await
 }
 
 #[test]
@@ -176,7 +133,7 @@ async fn binaries_serve_and_drain_on_sigterm() -> anyhow::Result<()> {
         &data,
     )?;
     for addr in [aggregator_addr, ingest_addr, query_addr] {
-        serving(addr).await?;
+        serving(addr, Duration::from_secs(20)).await?;
     }
 
     let mut ingest_client = IngestClient::new(connect(ingest_addr).await?);

@@ -1,0 +1,198 @@
+//! Durability of ingest's log, in-process: batch ids across a restart, torn log tails, and a
+//! clean stop with the aggregator unreachable.
+
+use std::time::Duration;
+
+use hitcounter_integration_tests::{
+    eventually, now_ms, start_aggregator, start_ingest, start_query, LinkMode, LinkProxy, Running,
+};
+use hitcounter_proto::v1::{
+    ingest_client::IngestClient, query_client::QueryClient, GetHitsRequest, Hit, RecordHitsRequest,
+};
+use rand::{Rng, SeedableRng};
+
+async fn ingest_client(
+    ingest: &Running,
+) -> anyhow::Result<IngestClient<tonic::transport::Channel>> {
+    Ok(IngestClient::new(
+        hitcounter_integration_tests::connect(ingest.addr).await?,
+    ))
+}
+
+async fn count(query: &Running, key: &str) -> anyhow::Result<u64> {
+    let mut client = QueryClient::new(hitcounter_integration_tests::connect(query.addr).await?);
+    Ok(client
+        .get_hits(GetHitsRequest {
+            key: key.into(),
+            window_seconds: 3600,
+            at_ms: 0,
+        })
+        .await?
+        .into_inner()
+        .count)
+}
+
+async fn until_count(query: &Running, key: &str, expected: u64) -> anyhow::Result<()> {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{key} to reach {expected}"),
+        || async move { (count(query, key).await.ok()? == expected).then_some(()) },
+    )
+    .await
+}
+
+fn batch(key: &str, count: u64, id: &str) -> RecordHitsRequest {
+    RecordHitsRequest {
+        hits: vec![Hit {
+            key: key.into(),
+            timestamp_ms: now_ms(),
+            count,
+        }],
+        batch_id: id.into(),
+    }
+}
+
+#[tokio::test]
+async fn batch_ids_survive_an_ingest_restart() -> anyhow::Result<()> {
+    let aggregator = start_aggregator(&[]).await?;
+    let data = tempfile::tempdir()?;
+    let dir = data.path().display().to_string();
+    let ingest = start_ingest(&[aggregator.addr], &["--data-dir", &dir]).await?;
+    let query = start_query(&[aggregator.addr], &[]).await?;
+    let mut client = ingest_client(&ingest).await?;
+    let first = client
+        .record_hits(batch("/restart", 7, "id-1"))
+        .await?
+        .into_inner();
+    assert_eq!((first.accepted, first.duplicate), (7, false));
+    ingest.stop().await.map_err(anyhow::Error::msg)?;
+
+    // The same batch id after the restart (a client retrying after a timeout): counted once.
+    let ingest = start_ingest(&[aggregator.addr], &["--data-dir", &dir]).await?;
+    let mut client = ingest_client(&ingest).await?;
+    let retry = client
+        .record_hits(batch("/restart", 7, "id-1"))
+        .await?
+        .into_inner();
+    assert_eq!((retry.accepted, retry.duplicate), (7, true));
+    let other = client
+        .record_hits(batch("/restart", 1, "id-2"))
+        .await?
+        .into_inner();
+    assert!(!other.duplicate);
+    until_count(&query, "/restart", 8).await?;
+    for service in [ingest, query, aggregator] {
+        service.stop().await.map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_clean_stop_with_the_aggregator_down_keeps_everything_in_the_log() -> anyhow::Result<()> {
+    let aggregator = start_aggregator(&[]).await?;
+    let link = LinkProxy::start(aggregator.addr).await?;
+    link.set(LinkMode::Refuse);
+    let data = tempfile::tempdir()?;
+    let dir = data.path().display().to_string();
+    let args = [
+        "--data-dir",
+        dir.as_str(),
+        "--drain-timeout-seconds",
+        "1",
+        "--breaker-cooldown-ms",
+        "100",
+    ];
+    let ingest = start_ingest(&[link.addr], &args).await?;
+    let mut client = ingest_client(&ingest).await?;
+    let mut acked = 0;
+    for n in 0..20 {
+        acked += client
+            .record_hits(batch("/kept", 3, &format!("k-{n}")))
+            .await?
+            .into_inner()
+            .accepted;
+    }
+    // Stops after the drain deadline with nothing delivered: the hits stay on disk.
+    ingest.stop().await.map_err(anyhow::Error::msg)?;
+    link.set(LinkMode::Pass);
+    let ingest = start_ingest(&[link.addr], &args).await?;
+    let query = start_query(&[aggregator.addr], &[]).await?;
+    until_count(&query, "/kept", acked).await?;
+    for service in [ingest, query, aggregator] {
+        service.stop().await.map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_torn_log_tail_is_cut_and_everything_before_it_counts() -> anyhow::Result<()> {
+    let seed: u64 = rand::random();
+    println!("torn-tail test seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for attempt in 0..3 {
+        let aggregator = start_aggregator(&[]).await?;
+        let link = LinkProxy::start(aggregator.addr).await?;
+        link.set(LinkMode::Refuse);
+        let data = tempfile::tempdir()?;
+        let dir = data.path().display().to_string();
+        let args = ["--data-dir", dir.as_str(), "--drain-timeout-seconds", "1"];
+        let ingest = start_ingest(&[link.addr], &args).await?;
+        let mut client = ingest_client(&ingest).await?;
+        let key = format!("/torn/{attempt}");
+        // One request per flush (each waits for its own ack), so the last log record is the
+        // last request: 10 hits each, then one of 1000.
+        for n in 0..5 {
+            client
+                .record_hits(batch(&key, 10, &format!("t-{n}")))
+                .await?;
+        }
+        client.record_hits(batch(&key, 1000, "t-last")).await?;
+        ingest.stop().await.map_err(anyhow::Error::msg)?;
+
+        // Tear the last record at a random offset, as a crash in the middle of a write would.
+        let log_dir = data.path().join("log");
+        let mut segments: Vec<_> = std::fs::read_dir(&log_dir)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        segments.sort();
+        let last = segments
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("no segment"))?;
+        let bytes = std::fs::read(last)?;
+        // The last record starts where the previous five end: find it by re-reading the log.
+        let record_start = {
+            let mut offset = 0;
+            let mut starts = Vec::new();
+            while let Ok(Some(record)) = hitcounter_wal::decode_record(&bytes[offset..]) {
+                starts.push(offset);
+                offset += record.len;
+            }
+            *starts.last().ok_or_else(|| anyhow::anyhow!("no record"))?
+        };
+        let cut = rng.random_range(record_start..bytes.len());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(last)?
+            .set_len(cut as u64)?;
+        println!(
+            "attempt {attempt}: cut {} at byte {cut} (last record starts at {record_start})",
+            last.display()
+        );
+
+        link.set(LinkMode::Pass);
+        let ingest = start_ingest(&[link.addr], &args).await?;
+        let query = start_query(&[aggregator.addr], &[]).await?;
+        until_count(&query, &key, 50).await?;
+        // Still 50 a moment later: the torn batch was not half counted.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(count(&query, &key).await?, 50);
+        // The service goes on after the repair.
+        let mut client = ingest_client(&ingest).await?;
+        client.record_hits(batch(&key, 1000, "t-after")).await?;
+        until_count(&query, &key, 1050).await?;
+        for service in [ingest, query, aggregator] {
+            service.stop().await.map_err(anyhow::Error::msg)?;
+        }
+    }
+    Ok(())
+}
