@@ -134,6 +134,16 @@ async fn a_paused_aggregator_fills_bounded_buffers_then_everything_drains() -> a
         &["channel=\"ingest_hits\""],
     );
     assert!(depth.is_some_and(|d| d <= 2000.0), "depth {depth:?}");
+    // No pile-up of calls to the hung aggregator: at most --forward-concurrency in flight.
+    let in_flight = metric_value(
+        &metrics,
+        "hitcounter_ingest_forward_in_flight",
+        &["shard=\"0\""],
+    );
+    assert!(
+        in_flight.is_some_and(|n| n <= 1.0),
+        "in flight {in_flight:?}"
+    );
 
     // A stream gets the same answer while the log is full.
     let requests = tokio_stream::iter(vec![RecordHitsRequest {

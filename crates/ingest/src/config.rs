@@ -25,9 +25,11 @@ pub struct Config {
     /// When a batch counts as durable before it is acknowledged. `always`: after an fsync
     /// (shared by every request in a flush; survives power loss). `interval`: after the write,
     /// with an fsync at most every --fsync-interval-ms (a power loss or OS crash can lose about
-    /// that much acknowledged data; a process crash loses nothing). `never`: after the write;
-    /// the log is fsynced in the background once a second so forwarding can proceed (an OS crash
-    /// can lose about the last second; a process crash loses nothing).
+    /// that much acknowledged data; a process crash loses nothing). `never`: after the write,
+    /// never waiting for an fsync; the log is fsynced in the background every 100 ms because
+    /// forwarders send only what is on disk (an OS crash can lose about the last 100 ms; a
+    /// process crash loses nothing). With `interval` and `never`, hits become visible once
+    /// fsynced.
     #[arg(long, env = "HITCOUNTER_FSYNC", default_value = "always")]
     pub fsync: FsyncMode,
 

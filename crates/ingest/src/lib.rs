@@ -133,7 +133,7 @@ pub async fn serve(
         ledger_times: opened.ledger_times,
         horizon: config.dedup_horizon(),
         background_sync: (config.fsync == config::FsyncMode::Never)
-            .then_some(std::time::Duration::from_secs(1)),
+            .then_some(std::time::Duration::from_millis(100)),
         last_background_sync: std::sync::Mutex::new(std::time::Instant::now()),
     };
     let mut log_task = tokio::spawn(
