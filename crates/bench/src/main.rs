@@ -1,58 +1,63 @@
-//! `hitcounter-bench`: starts the three release binaries on loopback and measures
+//! `hitcounter-bench`: starts the three release binaries and a private `redis-server` on
+//! loopback and measures, in the same run and with the same Zipf key distribution,
 //!
 //! 1. ingest throughput: `--streams` concurrent `StreamHits` streams sending batches of
-//!    `--batch` hits over `--keys` keys for `--seconds`; a hit counts once it is acknowledged,
-//!    and the run is only reported after every acknowledged hit is visible through Query (the
-//!    totals are checked, so a fast wrong answer cannot pass); with the batch ack latency;
-//! 2. visibility: `RecordHit` of a fresh key, then `GetHits` polled until it shows; the time from
-//!    the ack to the first read that sees it, as p50/p99/max over `--samples` hits, measured
-//!    while a background load of `--visibility-load` hits/s runs;
-//! 3. drain: the aggregator is killed, `--drain-hits` hits are acknowledged into ingest's log,
-//!    the aggregator is started again, and the time until all of them are visible gives the
-//!    drain rate of a backlog.
+//!    `--batch` hits for `--seconds`; a hit counts once it is acknowledged *and* visible through
+//!    Query (every key's count is checked against what was acknowledged, so a fast wrong answer
+//!    cannot pass). Redis gets the same batches as pipelines on `--streams` connections, in four
+//!    layouts (see `redis.rs`), its counts read back and checked the same way;
+//! 2. query latency: `GetHits(300 s)` versus the equivalent Redis `HMGET`s at a fixed
+//!    `--qps` while ingesting `--query-load` hits/s, p50/p99/p99.9 measured from the intended
+//!    send time (corrected for coordinated omission);
+//! 3. visibility (hitcounter only; a Redis reply is visible at once): `RecordHit` of a fresh
+//!    key, then `GetHits` polled until it shows, ack to first read that sees it;
+//! 4. drain (hitcounter only): the aggregator is killed, `--drain-hits` hits are acknowledged
+//!    into ingest's log, the aggregator is restarted, and the time until all are visible.
 //!
-//! Run: `cargo build --release --bins && ./target/release/hitcounter-bench [--ingest-arg=--fsync=never]`.
+//! It prints the machine, the command and one table (medians over `--runs`, with min–max).
+//! Run: `cargo build --release --bins && ./target/release/hitcounter-bench`.
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex,
-    },
-    time::{Duration, Instant},
-};
+mod keys;
+mod redis;
+mod stack;
+mod workloads;
 
-use anyhow::Context;
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
 use clap::Parser;
-use hdrhistogram::Histogram;
-use hitcounter_proto::v1::{
-    ingest_client::IngestClient, query_client::QueryClient, GetHitsManyRequest, GetHitsRequest,
-    Hit, RecordHitRequest, RecordHitsRequest,
-};
-use rand::Rng;
-use tonic::transport::Channel;
+
+use crate::{keys::Keys, redis::Layout, stack::Stack, workloads::ms};
 
 #[derive(Debug, Parser)]
-#[command(about = "Measure hitcounter's ingest throughput, visibility latency and drain rate")]
+#[command(
+    about = "Measure hitcounter against Redis on this machine: ingest throughput, query latency under load, visibility and drain"
+)]
 struct Args {
     /// Directory of the release binaries.
     #[arg(long, default_value = "target/release")]
     bin_dir: PathBuf,
-    /// Concurrent StreamHits streams.
+    /// Concurrent StreamHits streams (and Redis connections).
     #[arg(long, default_value_t = 4)]
     streams: usize,
-    /// Hits per batch.
+    /// Hits per batch (and per Redis pipeline).
     #[arg(long, default_value_t = 1000)]
     batch: usize,
-    /// Distinct keys, chosen uniformly.
+    /// Distinct keys.
     #[arg(long, default_value_t = 100_000)]
     keys: u64,
-    /// Length of the throughput run.
+    /// Zipf exponent of the key distribution (0 is uniform).
+    #[arg(long, default_value_t = 1.1)]
+    zipf: f64,
+    /// Length of each throughput run and of each query-latency run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-    /// Visibility samples.
+    /// Queries per second in the query-latency workload.
+    #[arg(long, default_value_t = 1000)]
+    qps: u64,
+    /// Background ingest during the query-latency workload, hits/s.
+    #[arg(long, default_value_t = 100_000)]
+    query_load: u64,
+    /// Visibility samples (0 skips the visibility run).
     #[arg(long, default_value_t = 1000)]
     samples: usize,
     /// Background ingest rate during the visibility run, hits/s (0 for none).
@@ -65,396 +70,300 @@ struct Args {
     /// Extra ingest arguments, e.g. `--ingest-arg=--fsync=never`.
     #[arg(long = "ingest-arg", allow_hyphen_values = true)]
     ingest_args: Vec<String>,
+    /// The redis-server binary (installed with apt-get if it is the default and missing).
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
+    /// Pipelines outstanding per Redis connection.
+    #[arg(long, default_value_t = 1)]
+    redis_inflight: usize,
+    /// Skip the Redis side.
+    #[arg(long)]
+    no_redis: bool,
+    /// Runs; the table shows the median of each figure with min–max.
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
 }
 
-/// A child process, stopped with SIGTERM when dropped.
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
+/// The figures of one run.
+#[derive(Default)]
+struct Run {
+    hc_ingest: f64,
+    hc_ack_p99: f64,
+    redis_ingest: Vec<(Layout, f64)>,
+    hc_query: [f64; 3],
+    redis_query: Option<[f64; 3]>,
+    hc_visibility: Option<[f64; 2]>,
+    hc_drain: Option<f64>,
 }
 
-impl Service {
-    /// `kill -9`.
-    fn kill(mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-        std::mem::forget(self);
-    }
-}
+async fn run_once(args: &Args) -> anyhow::Result<Run> {
+    let mut run = Run::default();
+    let bench = Arc::new(Keys::new("bench", args.keys, args.zipf)?);
+    let background = Arc::new(Keys::new("background", args.keys, args.zipf)?);
+    let duration = Duration::from_secs(args.seconds);
+    let mut stack = Stack::start(&args.bin_dir, &args.ingest_args).await?;
+    let server = if args.no_redis {
+        None
+    } else {
+        Some(redis::RedisServer::start(&args.redis_server).await?)
+    };
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn start(bin_dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Service> {
-    let path = bin_dir.join(name);
-    let child = Command::new(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("starting {} (cargo build --release --bins)", path.display()))?;
-    Ok(Service(child))
-}
-
-async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
-        match endpoint.connect().await {
-            Ok(channel) => return Ok(channel),
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-}
-
-fn key(prefix: &str, i: u64) -> String {
-    format!("/{prefix}/{i}")
-}
-
-/// Sends batches on one stream until `stop`; adds acknowledged hits to `acked` and returns the
-/// batch ack latencies (send → ack). With `rate` > 0 the stream is paced to `rate` hits/s.
-async fn drive(
-    mut ingest: IngestClient<Channel>,
-    prefix: &'static str,
-    keys: u64,
-    batch: usize,
-    rate: u64,
-    stop: Arc<AtomicBool>,
-    acked: Arc<AtomicU64>,
-) -> anyhow::Result<Histogram<u64>> {
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let sent_at = Arc::new(Mutex::new(std::collections::VecDeque::new()));
-    let (tx, rx) = tokio::sync::mpsc::channel::<RecordHitsRequest>(8);
-    let mut responses = ingest
-        .stream_hits(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let sent = Arc::clone(&sent_at);
-    let producer = tokio::spawn(async move {
-        let pace = (rate > 0).then(|| Duration::from_secs_f64(batch as f64 / rate as f64));
-        let mut next = tokio::time::Instant::now();
-        while !stop.load(Ordering::Relaxed) {
-            let hits = {
-                let mut rng = rand::rng();
-                (0..batch)
-                    .map(|_| Hit {
-                        key: key(prefix, rng.random_range(0..keys)),
-                        timestamp_ms: 0,
-                        count: 1,
-                    })
-                    .collect()
-            };
-            let Ok(permit) = tx.reserve().await else {
-                break;
-            };
-            if let Ok(mut sent) = sent.lock() {
-                sent.push_back(Instant::now());
-            }
-            permit.send(RecordHitsRequest {
-                hits,
-                batch_id: String::new(),
-            });
-            if let Some(pace) = pace {
-                next += pace;
-                tokio::time::sleep_until(next).await;
-            }
-        }
-    });
-    while let Some(response) = responses.message().await? {
-        acked.fetch_add(response.accepted, Ordering::Relaxed);
-        let started = sent_at.lock().ok().and_then(|mut s| s.pop_front());
-        if let Some(started) = started {
-            latency.record(started.elapsed().as_micros().max(1) as u64)?;
-        }
-    }
-    producer.await?;
-    Ok(latency)
-}
-
-async fn total(query: &mut QueryClient<Channel>, prefix: &str, keys: u64) -> anyhow::Result<u64> {
-    let mut sum = 0;
-    let mut start = 0;
-    while start < keys {
-        let end = (start + 1000).min(keys);
-        let response = query
-            .get_hits_many(GetHitsManyRequest {
-                keys: (start..end).map(|i| key(prefix, i)).collect(),
-                window_seconds: 3600,
-                at_ms: 0,
-            })
-            .await?
-            .into_inner();
-        sum += response.results.iter().map(|r| r.count).sum::<u64>();
-        start = end;
-    }
-    Ok(sum)
-}
-
-/// Polls until the keys under `prefix` hold `expected` hits; fails if they hold more, or if it
-/// takes longer than `within`.
-async fn until_visible(
-    query: &mut QueryClient<Channel>,
-    prefix: &str,
-    keys: u64,
-    expected: u64,
-    within: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let seen = total(query, prefix, keys).await.unwrap_or(0);
-        anyhow::ensure!(
-            seen <= expected,
-            "counted {seen} hits but only {expected} were acknowledged"
-        );
-        if seen == expected {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "counted {seen} of {expected} acknowledged hits"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn load(
-    ingest: &IngestClient<Channel>,
-    prefix: &'static str,
-    args: &Args,
-    until: impl std::future::Future<Output = ()>,
-    acked: &Arc<AtomicU64>,
-) -> anyhow::Result<Histogram<u64>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let drivers: Vec<_> = (0..args.streams)
-        .map(|_| {
-            tokio::spawn(drive(
-                ingest.clone(),
-                prefix,
-                args.keys,
+    // 1. Ingest throughput.
+    let t = workloads::throughput(&mut stack, &bench, args.streams, args.batch, duration).await?;
+    run.hc_ingest = t.hits_per_second;
+    run.hc_ack_p99 = ms(&t.ack_latency, 0.99);
+    if let Some(server) = &server {
+        for layout in Layout::ALL {
+            let r = redis::throughput(
+                server,
+                layout,
+                &bench,
+                args.streams,
+                args.redis_inflight,
                 args.batch,
-                0,
-                Arc::clone(&stop),
-                Arc::clone(acked),
-            ))
+                duration,
+            )
+            .await?;
+            run.redis_ingest.push((layout, r.hits_per_second));
+        }
+    }
+
+    // 2. Query latency under ingest.
+    let quantiles = |h: &hdrhistogram::Histogram<u64>| [ms(h, 0.5), ms(h, 0.99), ms(h, 0.999)];
+    let h =
+        workloads::query_latency(&stack, &background, args.query_load, args.qps, duration).await?;
+    run.hc_query = quantiles(&h);
+    if let Some(server) = &server {
+        let h =
+            redis::query_latency(server, &background, args.query_load, args.qps, duration).await?;
+        run.redis_query = Some(quantiles(&h));
+    }
+    drop(server);
+
+    // 3. Visibility.
+    if args.samples > 0 {
+        let v = workloads::visibility(&mut stack, &background, args.visibility_load, args.samples)
+            .await?;
+        run.hc_visibility = Some([ms(&v.latency, 0.5), ms(&v.latency, 0.99)]);
+    }
+
+    // 4. Drain.
+    if args.drain_hits > 0 {
+        let drain = Arc::new(Keys::new("drain", args.keys, args.zipf)?);
+        run.hc_drain = Some(
+            workloads::drain(
+                &mut stack,
+                &drain,
+                args.streams,
+                args.batch,
+                args.drain_hits,
+            )
+            .await?,
+        );
+    }
+    Ok(run)
+}
+
+/// Median, min and max of some figures.
+fn summary(values: &[f64]) -> Option<(f64, f64, f64)> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let median = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    Some((median, v[0], v[v.len() - 1]))
+}
+
+fn cell(values: &[f64], precision: usize) -> String {
+    match summary(values) {
+        None => "–".to_string(),
+        Some((m, _, _)) if values.len() == 1 => format!("{m:.precision$}"),
+        Some((m, lo, hi)) => format!("{m:.precision$} ({lo:.precision$}–{hi:.precision$})"),
+    }
+}
+
+/// One table row: the figure for hitcounter and for Redis in every run.
+struct Row {
+    workload: String,
+    hc: Vec<f64>,
+    redis: Vec<f64>,
+    precision: usize,
+    goal: &'static str,
+}
+
+fn print_table(rows: &[Row]) {
+    let header = [
+        "workload".to_string(),
+        "hitcounter".to_string(),
+        "Redis".to_string(),
+        "ratio hc/Redis".to_string(),
+        "goal (issue 5)".to_string(),
+    ];
+    let lines: Vec<[String; 5]> = std::iter::once(header)
+        .chain(rows.iter().map(|r| {
+            let ratio = match (summary(&r.hc), summary(&r.redis)) {
+                (Some((h, _, _)), Some((x, _, _))) if x > 0.0 => format!("{:.2}", h / x),
+                _ => "–".to_string(),
+            };
+            [
+                r.workload.clone(),
+                cell(&r.hc, r.precision),
+                cell(&r.redis, r.precision),
+                ratio,
+                r.goal.to_string(),
+            ]
+        }))
+        .collect();
+    let widths: Vec<usize> = (0..5)
+        .map(|c| {
+            lines
+                .iter()
+                .map(|l| l[c].chars().count())
+                .max()
+                .unwrap_or(0)
         })
         .collect();
-    until.await;
-    stop.store(true, Ordering::Relaxed);
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for driver in drivers {
-        latency.add(driver.await??)?;
+    for (n, line) in lines.iter().enumerate() {
+        let cells: Vec<String> = line
+            .iter()
+            .zip(&widths)
+            .map(|(s, w)| format!("{s:<w$}", w = *w))
+            .collect();
+        println!("| {} |", cells.join(" | "));
+        if n == 0 {
+            let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+            println!("|-{}-|", rule.join("-|-"));
+        }
     }
-    Ok(latency)
 }
 
-fn ms(h: &Histogram<u64>, q: f64) -> f64 {
-    h.value_at_quantile(q) as f64 / 1000.0
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let data = tempfile::tempdir()?;
-    let (a, i, q) = (free_port()?, free_port()?, free_port()?);
-    let upstream = format!("http://{a}");
-    let dir = |name: &str| data.path().join(name).display().to_string();
-    let aggregator_args: Vec<String> = [
-        "--listen",
-        &a.to_string(),
-        "--metrics-listen",
-        "off",
-        "--data-dir",
-        &dir("aggregator"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let mut ingest_args: Vec<String> = [
-        "--listen",
-        &i.to_string(),
-        "--metrics-listen",
-        "off",
-        "--data-dir",
-        &dir("ingest"),
-        "--aggregator",
-        &upstream,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    ingest_args.extend(args.ingest_args.iter().cloned());
-    let query_args: Vec<String> = [
-        "--listen",
-        &q.to_string(),
-        "--metrics-listen",
-        "off",
-        "--aggregator",
-        &upstream,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let aggregator = start(&args.bin_dir, "hitcounter-aggregator", &aggregator_args)?;
-    let _ingest = start(&args.bin_dir, "hitcounter-ingest", &ingest_args)?;
-    let _query = start(&args.bin_dir, "hitcounter-query", &query_args)?;
-    let ingest = IngestClient::new(channel(i).await?);
-    let mut query = QueryClient::new(channel(q).await?);
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let redis_version = if args.no_redis {
+        None
+    } else {
+        Some(redis::ensure_installed(&args.redis_server)?)
+    };
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
+    let command: Vec<String> = std::env::args().collect();
+    println!("machine: {cores} cores, {}", cpu_model());
+    println!("command: {}", command.join(" "));
+    if let Some(v) = &redis_version {
+        println!("redis: {v}, started with --save '' --appendonly no (no persistence)");
+    }
     println!(
-        "hitcounter-bench: {cores} cores; {} streams x {} hits/batch, {} keys, {} s; ingest args {:?}",
-        args.streams, args.batch, args.keys, args.seconds, args.ingest_args
+        "workload: {} streams/connections x {} hits per batch/pipeline, {} keys Zipf({}), {} s per phase; ingest args {:?}",
+        args.streams, args.batch, args.keys, args.zipf, args.seconds, args.ingest_args
     );
+    let mut runs = Vec::with_capacity(args.runs);
+    for n in 0..args.runs {
+        println!("run {}/{}:", n + 1, args.runs);
+        runs.push(run_once(&args).await?);
+    }
 
-    // 1. Throughput.
-    let acked = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let latency = load(
-        &ingest,
-        "bench",
-        &args,
-        tokio::time::sleep(Duration::from_secs(args.seconds)),
-        &acked,
-    )
-    .await?;
-    let elapsed_ack = started.elapsed();
-    let acked_hits = acked.load(Ordering::Relaxed);
-    until_visible(
-        &mut query,
-        "bench",
-        args.keys,
-        acked_hits,
-        Duration::from_secs(120),
-    )
-    .await?;
-    let elapsed_visible = started.elapsed();
-    println!(
-        "ingest: {acked_hits} hits acked in {:.2} s, all visible after {:.2} s: {:.0} hits/s (acked and visible), counts verified",
-        elapsed_ack.as_secs_f64(),
-        elapsed_visible.as_secs_f64(),
-        acked_hits as f64 / elapsed_visible.as_secs_f64()
-    );
-    println!(
-        "ack latency of a {}-hit batch (send → ack; {} streams, up to 8 batches in flight each): p50 {:.2} ms, p99 {:.2} ms",
-        args.batch,
-        args.streams,
-        ms(&latency, 0.5),
-        ms(&latency, 0.99)
-    );
-
-    // 2. Visibility under a background load.
-    let stop = Arc::new(AtomicBool::new(false));
-    let background = (args.visibility_load > 0).then(|| {
-        tokio::spawn(drive(
-            ingest.clone(),
-            "background",
-            args.keys,
-            1000,
-            args.visibility_load,
-            Arc::clone(&stop),
-            Arc::new(AtomicU64::new(0)),
-        ))
+    let collect =
+        |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<f64> { runs.iter().filter_map(f).collect() };
+    let mut rows = Vec::new();
+    let hc_ingest = collect(&|r| Some(r.hc_ingest / 1e6));
+    for (i, layout) in Layout::ALL.iter().enumerate() {
+        rows.push(Row {
+            workload: format!("ingest Mhits/s vs Redis {}", layout.describe()),
+            hc: hc_ingest.clone(),
+            redis: collect(&|r| r.redis_ingest.get(i).map(|(_, v)| v / 1e6)),
+            precision: 3,
+            goal: "",
+        });
+    }
+    let best = |r: &Run, combined: bool| {
+        r.redis_ingest
+            .iter()
+            .filter(|(l, _)| combined || matches!(l, Layout::HashPerHit | Layout::StringPerHit))
+            .map(|(_, v)| v / 1e6)
+            .reduce(f64::max)
+    };
+    rows.push(Row {
+        workload: "ingest Mhits/s vs Redis best, one command pair per hit".to_string(),
+        hc: hc_ingest.clone(),
+        redis: collect(&|r| best(r, false)),
+        precision: 3,
+        goal: "",
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut writer = ingest.clone();
-    let run = rand::rng().random::<u32>();
-    for n in 0..args.samples {
-        let probe = format!("/visibility/{run}/{n}");
-        writer
-            .record_hit(RecordHitRequest {
-                key: probe.clone(),
-                timestamp_ms: 0,
-                count: 1,
-            })
-            .await?;
-        let acked_at = Instant::now();
-        loop {
-            let count = query
-                .get_hits(GetHitsRequest {
-                    key: probe.clone(),
-                    window_seconds: 60,
-                    at_ms: 0,
-                })
-                .await?
-                .into_inner()
-                .count;
-            if count == 1 {
-                break;
-            }
-            anyhow::ensure!(
-                acked_at.elapsed() < Duration::from_secs(10),
-                "{probe} not visible after 10 s"
-            );
-        }
-        histogram.record(acked_at.elapsed().as_micros().max(1) as u64)?;
+    rows.push(Row {
+        workload: "ingest Mhits/s vs Redis best of all (incl. combined)".to_string(),
+        hc: hc_ingest,
+        redis: collect(&|r| best(r, true)),
+        precision: 3,
+        goal: ">= 3.00",
+    });
+    for (q, name, goal) in [(0, "p50", ""), (1, "p99", "<= 0.50"), (2, "p99.9", "")] {
+        rows.push(Row {
+            workload: format!(
+                "GetHits(300 s) {name} ms vs HMGET, {} q/s + {} hits/s",
+                args.qps, args.query_load
+            ),
+            hc: collect(&|r| Some(r.hc_query[q])),
+            redis: collect(&|r| r.redis_query.map(|v| v[q])),
+            precision: 3,
+            goal,
+        });
     }
-    stop.store(true, Ordering::Relaxed);
-    if let Some(background) = background {
-        let paced = background.await??;
-        println!(
-            "ack latency of a 1000-hit batch at a steady {} hits/s: p50 {:.2} ms, p99 {:.2} ms",
-            args.visibility_load,
-            ms(&paced, 0.5),
-            ms(&paced, 0.99)
-        );
+    rows.push(Row {
+        workload: format!(
+            "ack latency p99 ms, {}-hit batch (hitcounter only)",
+            args.batch
+        ),
+        hc: collect(&|r| Some(r.hc_ack_p99)),
+        redis: Vec::new(),
+        precision: 2,
+        goal: "",
+    });
+    for (q, name, goal) in [(0, "p50", ""), (1, "p99", "<= 50 ms")] {
+        rows.push(Row {
+            workload: format!("visibility {name} ms (Redis: immediate)"),
+            hc: collect(&|r| r.hc_visibility.map(|v| v[q])),
+            redis: Vec::new(),
+            precision: 2,
+            goal,
+        });
     }
+    rows.push(Row {
+        workload: "drain of a backlog, Mhits/s (hitcounter only)".to_string(),
+        hc: collect(&|r| r.hc_drain.map(|v| v / 1e6)),
+        redis: Vec::new(),
+        precision: 3,
+        goal: "",
+    });
+    println!();
     println!(
-        "visibility (ack → first GetHits that sees it) at {} hits/s background: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} hits",
-        args.visibility_load,
-        ms(&histogram, 0.5),
-        ms(&histogram, 0.99),
-        histogram.max() as f64 / 1000.0,
-        histogram.len()
+        "{} run(s){}; figures vary run to run",
+        args.runs,
+        if args.runs > 1 {
+            ", median (min–max)"
+        } else {
+            ""
+        }
     );
-
-    // 3. Drain: the aggregator goes away, ingest keeps acknowledging into its log, it comes back.
-    if args.drain_hits > 0 {
-        aggregator.kill();
-        let buffered = Arc::new(AtomicU64::new(0));
-        let target = args.drain_hits;
-        let counter = Arc::clone(&buffered);
-        load(
-            &ingest,
-            "drain",
-            &args,
-            async move {
-                while counter.load(Ordering::Relaxed) < target {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            },
-            &buffered,
-        )
-        .await?;
-        let buffered = buffered.load(Ordering::Relaxed);
-        let _aggregator = start(&args.bin_dir, "hitcounter-aggregator", &aggregator_args)?;
-        let back = Instant::now();
-        until_visible(
-            &mut query,
-            "drain",
-            args.keys,
-            buffered,
-            Duration::from_secs(300),
-        )
-        .await?;
-        let took = back.elapsed();
-        println!(
-            "drain: {buffered} hits acked into ingest's log with the aggregator down (kill -9); all visible {:.2} s after it restarted: {:.0} hits/s",
-            took.as_secs_f64(),
-            buffered as f64 / took.as_secs_f64()
-        );
-    }
+    print_table(&rows);
     Ok(())
 }

@@ -1,0 +1,154 @@
+//! Starting and stopping the hitcounter release binaries (aggregator, ingest, query) on
+//! loopback, each a child process killed by PID when its guard is dropped.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use hitcounter_proto::v1::{ingest_client::IngestClient, query_client::QueryClient};
+use tonic::transport::Channel;
+
+/// A child process, stopped with SIGTERM (by PID) when dropped.
+pub(crate) struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+impl Service {
+    /// `kill -9`.
+    pub(crate) fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        std::mem::forget(self);
+    }
+}
+
+/// A free loopback port (bound and released; fine for a benchmark on a quiet machine).
+pub(crate) fn free_port() -> anyhow::Result<SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+fn start(bin_dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Service> {
+    let path = bin_dir.join(name);
+    let child = Command::new(&path)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {} (cargo build --release --bins)", path.display()))?;
+    Ok(Service(child))
+}
+
+async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The three services with fresh data directories, and clients of ingest and query.
+pub(crate) struct Stack {
+    bin_dir: PathBuf,
+    aggregator_args: Vec<String>,
+    // Dropped in declaration order: query and ingest before the aggregator, the data last.
+    _query: Service,
+    _ingest: Service,
+    aggregator: Option<Service>,
+    _data: tempfile::TempDir,
+    /// A client of ingest.
+    pub(crate) ingest: IngestClient<Channel>,
+    /// A client of query.
+    pub(crate) query: QueryClient<Channel>,
+}
+
+impl Stack {
+    /// Starts the release binaries in `bin_dir`; `extra_ingest_args` go to ingest.
+    pub(crate) async fn start(
+        bin_dir: &Path,
+        extra_ingest_args: &[String],
+    ) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let (a, i, q) = (free_port()?, free_port()?, free_port()?);
+        let upstream = format!("http://{a}");
+        let dir = |name: &str| data.path().join(name).display().to_string();
+        let aggregator_args = strings(&[
+            "--listen",
+            &a.to_string(),
+            "--metrics-listen",
+            "off",
+            "--data-dir",
+            &dir("aggregator"),
+        ]);
+        let mut ingest_args = strings(&[
+            "--listen",
+            &i.to_string(),
+            "--metrics-listen",
+            "off",
+            "--data-dir",
+            &dir("ingest"),
+            "--aggregator",
+            &upstream,
+        ]);
+        ingest_args.extend(extra_ingest_args.iter().cloned());
+        let query_args = strings(&[
+            "--listen",
+            &q.to_string(),
+            "--metrics-listen",
+            "off",
+            "--aggregator",
+            &upstream,
+        ]);
+        let aggregator = start(bin_dir, "hitcounter-aggregator", &aggregator_args)?;
+        let ingest_service = start(bin_dir, "hitcounter-ingest", &ingest_args)?;
+        let query_service = start(bin_dir, "hitcounter-query", &query_args)?;
+        Ok(Self {
+            bin_dir: bin_dir.to_path_buf(),
+            aggregator_args,
+            _query: query_service,
+            _ingest: ingest_service,
+            aggregator: Some(aggregator),
+            _data: data,
+            ingest: IngestClient::new(channel(i).await?),
+            query: QueryClient::new(channel(q).await?),
+        })
+    }
+
+    /// `kill -9` of the aggregator.
+    pub(crate) fn kill_aggregator(&mut self) {
+        if let Some(aggregator) = self.aggregator.take() {
+            aggregator.kill();
+        }
+    }
+
+    /// Starts the aggregator again on its data directory.
+    pub(crate) fn restart_aggregator(&mut self) -> anyhow::Result<()> {
+        self.aggregator = Some(start(
+            &self.bin_dir,
+            "hitcounter-aggregator",
+            &self.aggregator_args,
+        )?);
+        Ok(())
+    }
+}
