@@ -196,3 +196,66 @@ async fn a_torn_log_tail_is_cut_and_everything_before_it_counts() -> anyhow::Res
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_caller_that_gives_up_does_not_release_its_batch_id() -> anyhow::Result<()> {
+    // Flushes every 1.5 s, so the caller's 200 ms deadline passes while its hits are queued.
+    let aggregator = start_aggregator(&[]).await?;
+    let ingest = start_ingest(&[aggregator.addr], &["--combine-interval-ms", "1500"]).await?;
+    let query = start_query(&[aggregator.addr], &[]).await?;
+    let mut client = ingest_client(&ingest).await?;
+    let mut impatient = tonic::Request::new(batch("/impatient", 5, "gave-up"));
+    impatient.set_timeout(Duration::from_millis(200));
+    let status = client.record_hits(impatient).await.expect_err("deadline");
+    println!("first attempt: {status:?}");
+    // The retry learns that the first attempt's hits are in (after ABORTED "still being
+    // recorded" answers while the first attempt's flush is pending, which a client retries).
+    let retry = eventually(Duration::from_secs(10), "the retry to be answered", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .record_hits(batch("/impatient", 5, "gave-up"))
+                .await
+                .ok()
+        }
+    })
+    .await?
+    .into_inner();
+    assert_eq!((retry.accepted, retry.duplicate), (5, true));
+    until_count(&query, "/impatient", 5).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count(&query, "/impatient").await?, 5, "counted once");
+    for service in [ingest, query, aggregator] {
+        service.stop().await.map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_data_directory_serves_one_process_at_a_time() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let dir = data.path().display().to_string();
+    let aggregator = start_aggregator(&["--data-dir", &dir]).await?;
+    let second_aggregator = start_aggregator(&["--data-dir", &dir]).await?;
+    let refused = tokio::time::timeout(Duration::from_secs(10), second_aggregator.task).await??;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("in use by another process")),
+        "{refused:?}"
+    );
+    let ingest_dir = data.path().join("ingest").display().to_string();
+    let ingest = start_ingest(&[aggregator.addr], &["--data-dir", &ingest_dir]).await?;
+    let second_ingest = start_ingest(&[aggregator.addr], &["--data-dir", &ingest_dir]).await?;
+    let refused = tokio::time::timeout(Duration::from_secs(10), second_ingest.task).await??;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("in use by another process")),
+        "{refused:?}"
+    );
+    for service in [ingest, aggregator] {
+        service.stop().await.map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}

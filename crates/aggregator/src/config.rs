@@ -43,8 +43,9 @@ pub struct Config {
 
     /// How often the window state is written to a checkpoint in the data directory, in
     /// milliseconds. Ingest keeps its log until a checkpoint covers it, so this bounds how much
-    /// is replayed after a crash of the aggregator. 0 disables checkpoints (state is then lost on
-    /// restart).
+    /// is replayed after a crash of the aggregator. 0 disables checkpoints: state is then lost on
+    /// restart, and ingest, which trims its log only up to a checkpoint, fills its disk budget
+    /// (for tests and throwaway setups only).
     #[arg(
         long,
         env = "HITCOUNTER_CHECKPOINT_INTERVAL_MS",

@@ -59,6 +59,14 @@ pub async fn serve(
         retention_seconds: config.retention_seconds,
     };
     let checkpoints = config.checkpoint_interval_ms > 0;
+    let _data_dir_lock = if checkpoints {
+        Some(
+            hitcounter_telemetry::lock_data_dir(&config.data_dir)
+                .map_err(AggregatorError::Startup)?,
+        )
+    } else {
+        None
+    };
     let applied = AppliedBatches::new(config.dedup_window, config.max_producers);
     let mut durable = HashMap::new();
     let mut stores = Vec::new();

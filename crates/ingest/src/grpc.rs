@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::{
     error::IngestError,
     ledger::{BatchLedger, Claim, ClaimGuard},
-    stages::{DurableError, Pending},
+    stages::{Claimed, DurableError, Pending},
     validate::{self, TimeRules, ValidHit},
 };
 
@@ -53,7 +53,7 @@ impl IngestService {
     async fn enqueue(
         &self,
         hits: Vec<ValidHit>,
-        batch_id: Option<(Arc<str>, u64)>,
+        batch_id: Option<Claimed>,
         wait: Wait,
     ) -> Result<(), IngestError> {
         let weight = hits.len();
@@ -155,16 +155,12 @@ impl IngestService {
             } => (hits, accepted, claim, batch_id),
         };
         let offered = hits.len() as u64;
-        let logged_id = claim
-            .as_ref()
-            .map(|_| (Arc::from(batch_id.as_str()), accepted));
-        if let Err(error) = self.enqueue(hits, logged_id, wait).await {
-            // Dropping the claim releases the id for a retry.
+        let claimed = claim.map(|guard| Claimed { guard, accepted });
+        if let Err(error) = self.enqueue(hits, claimed, wait).await {
+            // A refused request drops its claim with it, which releases the id for a retry;
+            // an accepted one had its claim completed by the log stage.
             count_rejected(&error, offered);
             return Err(error);
-        }
-        if let Some(guard) = claim {
-            guard.complete(accepted);
         }
         metrics::counter!("hitcounter_ingest_hits_accepted_total").increment(accepted);
         Ok(RecordHitsResponse {

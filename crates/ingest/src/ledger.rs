@@ -129,7 +129,18 @@ pub(crate) struct ClaimGuard {
     tx: watch::Sender<Option<u64>>,
 }
 
+impl std::fmt::Debug for ClaimGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimGuard").field("id", &self.id).finish()
+    }
+}
+
 impl ClaimGuard {
+    /// The claimed id.
+    pub(crate) fn id(&self) -> &str {
+        self.id.as_deref().unwrap_or_default()
+    }
+
     /// Records that the batch was counted with `accepted` hits.
     pub(crate) fn complete(mut self, accepted: u64) {
         if let Some(id) = self.id.take() {

@@ -68,6 +68,14 @@ pub async fn serve(
         .client
         .channels()
         .map_err(|e| IngestError::Startup(e.to_string()))?;
+    if config.max_buffer_bytes < 2 * config.segment_bytes {
+        // The active segment is never trimmed: a budget below two segments could fill with
+        // data that is already delivered and refuse every write.
+        return Err(IngestError::Startup(format!(
+            "--max-buffer-bytes ({}) must be at least twice --segment-bytes ({})",
+            config.max_buffer_bytes, config.segment_bytes
+        )));
+    }
     let stack_config = config.client.stack_config();
     let max_message = config.service.max_message_bytes;
     let abandon = CancellationToken::new();
@@ -89,6 +97,7 @@ pub async fn serve(
         .map_err(|e| IngestError::Startup(e.to_string()))??
     };
     let producer_id = opened.producer_id;
+    let _data_dir_lock = opened.lock;
     let logs: SharedLogs = Arc::new(std::sync::Mutex::new(opened.logs));
 
     let (hits_tx, hits_rx) = hitcounter_pipeline::channel("ingest_hits", config.buffer_hits);

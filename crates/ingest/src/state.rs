@@ -29,6 +29,8 @@ use crate::{error::IngestError, ledger::BatchLedger, stages::log::Logs};
 
 /// What opening the data directory produced.
 pub(crate) struct Opened {
+    /// The data directory's lock, held for the life of the process.
+    pub(crate) lock: std::fs::File,
     pub(crate) producer_id: u64,
     pub(crate) logs: Logs,
     /// Ledger records inside the horizon: (seq, at_ms), oldest first.
@@ -75,7 +77,7 @@ pub(crate) fn open(
     horizon: Duration,
 ) -> Result<Opened, IngestError> {
     let started = std::time::Instant::now();
-    fs::create_dir_all(dir).map_err(failed(dir))?;
+    let lock = hitcounter_telemetry::lock_data_dir(dir).map_err(IngestError::Startup)?;
 
     let id_path = dir.join("producer-id");
     let producer_id = match read_number(&id_path)? {
@@ -189,6 +191,7 @@ pub(crate) fn open(
         "ingest state recovered"
     );
     Ok(Opened {
+        lock,
         producer_id,
         logs: Logs {
             main,

@@ -75,6 +75,31 @@ fn parse_optional_addr(value: &str) -> Result<OptionalAddr, String> {
         .map_err(|e| format!("expected HOST:PORT or `off`: {e}"))
 }
 
+/// Takes the exclusive lock of a data directory (`<dir>/LOCK`, created if missing), held until
+/// the returned file is dropped. Two processes writing one data directory would hand out the same
+/// sequence numbers or delete each other's checkpoints, so the second one must not start.
+///
+/// # Errors
+/// A message naming the directory when it cannot be created or is locked by another process.
+pub fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "{} is in use by another process (its LOCK is held): one data directory per process",
+            dir.display()
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {}: {e}", path.display())),
+    }
+}
+
 /// The sockets a service listens on, bound before the service starts so that tests can pass
 /// `127.0.0.1:0` and read back the port, and so that bind errors surface before SERVING.
 #[derive(Debug)]

@@ -84,7 +84,7 @@ pub(crate) async fn run(
 fn take(
     pending: &mut Merged,
     waiters: &mut Vec<Durable>,
-    batch_ids: &mut Vec<(std::sync::Arc<str>, u64)>,
+    batch_ids: &mut Vec<super::Claimed>,
     request: Pending,
 ) {
     for hit in request.hits {
@@ -117,7 +117,8 @@ mod tests {
         }
     }
 
-    fn request(
+    async fn request(
+        ledger: &std::sync::Arc<crate::ledger::BatchLedger>,
         hits: Vec<ValidHit>,
         id: Option<&str>,
     ) -> (
@@ -125,7 +126,14 @@ mod tests {
         tokio::sync::oneshot::Receiver<Result<(), super::super::DurableError>>,
     ) {
         let (done, wait) = tokio::sync::oneshot::channel();
-        let batch_id = id.map(|id| (std::sync::Arc::from(id), hits.iter().map(|h| h.count).sum()));
+        let mut batch_id = None;
+        if let Some(id) = id {
+            let Ok(crate::ledger::Claim::New(guard)) = ledger.claim(id).await else {
+                panic!("a fresh ledger has no {id}");
+            };
+            let accepted = hits.iter().map(|h| h.count).sum();
+            batch_id = Some(super::super::Claimed { guard, accepted });
+        }
         (
             Pending {
                 hits,
@@ -145,11 +153,14 @@ mod tests {
             interval: Duration::from_millis(5),
         };
         let stage = tokio::spawn(run(hits_rx, flush_tx, 2, settings));
+        let ledger = crate::ledger::BatchLedger::new(Duration::from_secs(600), 10);
         let (first, _w1) = request(
+            &ledger,
             vec![hit("x", 1, 2), hit("x", 1, 3), hit("x", 2, 1)],
             Some("b1"),
-        );
-        let (second, _w2) = request(vec![hit("y", 1, 4), hit("x", 1, 1)], None);
+        )
+        .await;
+        let (second, _w2) = request(&ledger, vec![hit("y", 1, 4), hit("x", 1, 1)], None).await;
         hits_tx.send(first).await.unwrap();
         hits_tx.send(second).await.unwrap();
         hits_tx.close();
@@ -169,7 +180,7 @@ mod tests {
                 flush
                     .batch_ids
                     .into_iter()
-                    .map(|(id, n)| (id.to_string(), n)),
+                    .map(|c| (c.guard.id().to_owned(), c.accepted)),
             );
         }
         deltas.sort();

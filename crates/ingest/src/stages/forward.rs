@@ -108,6 +108,9 @@ impl Forwarder {
         let mut incarnation: Option<u64> = None;
         let mut log_open = true;
         let mut in_flight = FuturesUnordered::new();
+        // Seqs being delivered: after a rewind the reader passes them again, and a second
+        // delivery of one seq at the same time would collide on the link's ack slot.
+        let mut sending = std::collections::HashSet::new();
         // While batches are delivered but not yet durable at the aggregator and nothing else is
         // in flight, a probe (seq 0) asks for its progress: acks are the only way it reports,
         // and an idle forwarder must still learn what to trim and whether the aggregator
@@ -139,6 +142,9 @@ impl Forwarder {
                 }
             }
             for (seq, payload) in buffered {
+                if !sending.insert(seq) {
+                    continue;
+                }
                 let flush = LoggedFlush::decode(payload.as_slice())
                     .map_err(|e| IngestError::Log(format!("log record {seq}: {e}")))?;
                 let deltas = flush
@@ -167,8 +173,12 @@ impl Forwarder {
                         if self.abandon.is_cancelled() { break; }
                         continue;
                     };
+                    sending.remove(&ack.seq);
                     if ack.durable_through > durable {
-                        durable = ack.durable_through.min(on_disk);
+                        // Never past our own reader: the log stage trims up to `durable`, and a
+                        // reader whose segment is deleted under it could not go on (after a
+                        // restart the aggregator can be far ahead of where we read).
+                        durable = ack.durable_through.min(on_disk).min(next.saturating_sub(1));
                         self.durable.send_replace(durable);
                     }
                     match incarnation {
@@ -258,7 +268,7 @@ impl Forwarder {
                         "kind" => failure_kind(&error)
                     )
                     .increment(1);
-                    if attempt == 1 || attempt % 50 == 0 {
+                    if attempt == 1 || attempt.is_multiple_of(50) {
                         tracing::warn!(shard = self.shard, seq = batch.seq, attempt, %error, "delivery to the aggregator failed; retrying");
                     }
                 }

@@ -127,14 +127,18 @@ impl LogStage {
             }
         }
         let this = Arc::clone(&stage);
-        tokio::task::spawn_blocking(move || {
+        let on_disk = tokio::task::spawn_blocking(move || {
             let mut logs = lock(&this.logs);
             logs.main.sync_now()?;
-            logs.ledger.sync_now()
+            logs.ledger.sync_now()?;
+            Ok::<_, LogError>(logs.main.durable_seq())
         })
         .await
         .map_err(|e| IngestError::Log(e.to_string()))?
         .map_err(|e| IngestError::Log(e.to_string()))?;
+        // Under `--fsync interval/never` the last records became durable just now: let the
+        // forwarders deliver them during the drain.
+        stage.written.send_replace(on_disk);
         tracing::debug!("log stage drained");
         Ok(())
     }
@@ -156,9 +160,9 @@ impl LogStage {
                 .collect(),
             batch_ids: batch_ids
                 .iter()
-                .map(|(id, accepted)| LoggedBatchId {
-                    batch_id: id.to_string(),
-                    accepted: *accepted,
+                .map(|claimed| LoggedBatchId {
+                    batch_id: claimed.guard.id().to_owned(),
+                    accepted: claimed.accepted,
                 })
                 .collect(),
             at_ms: now_ms,
@@ -166,7 +170,7 @@ impl LogStage {
         .encode_to_vec();
         let ledger: Vec<Vec<u8>> = batch_ids
             .iter()
-            .map(|(id, accepted)| encode_ledger(now_ms, *accepted, id))
+            .map(|claimed| encode_ledger(now_ms, claimed.accepted, claimed.guard.id()))
             .collect();
         let adding: u64 = std::iter::once(record.len())
             .chain(ledger.iter().map(Vec::len))
@@ -201,6 +205,11 @@ impl LogStage {
         match result {
             Ok(done) => {
                 metrics::counter!("hitcounter_ingest_log_bytes_written_total").increment(adding);
+                // The ids are durable with the hits: a retry is a duplicate from now on, whether
+                // or not the original caller is still there to hear its answer.
+                for claimed in batch_ids {
+                    claimed.guard.complete(claimed.accepted);
+                }
                 for waiter in waiters {
                     let _ = waiter.send(Ok(()));
                 }

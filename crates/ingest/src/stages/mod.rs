@@ -14,12 +14,10 @@ pub(crate) mod forward;
 pub(crate) mod link;
 pub(crate) mod log;
 
-use std::sync::Arc;
-
 use hitcounter_proto::aggregator::v1::Delta;
 use tokio::sync::oneshot;
 
-use crate::validate::ValidHit;
+use crate::{ledger::ClaimGuard, validate::ValidHit};
 
 /// Why a request's hits could not be made durable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -47,9 +45,11 @@ pub(crate) struct Pending {
     pub(crate) hits: Vec<ValidHit>,
     /// Resolved once the hits are durable (or failed).
     pub(crate) done: Durable,
-    /// The request's batch id and accepted count, recorded with the hits so that deduplication
-    /// survives a restart.
-    pub(crate) batch_id: Option<(Arc<str>, u64)>,
+    /// The request's claim on its batch id, recorded with the hits (so that deduplication
+    /// survives a restart) and completed by the log stage once they are durable: from here on
+    /// the claim lives with the hits, not with the request handler, so a caller that goes away
+    /// (deadline, broken stream) cannot release an id whose hits are already on their way.
+    pub(crate) batch_id: Option<Claimed>,
 }
 
 /// What `combine` hands to `log`: the merged deltas of many requests.
@@ -59,6 +59,13 @@ pub(crate) struct Flush {
     pub(crate) shards: Vec<Vec<Delta>>,
     /// The requests whose hits these are.
     pub(crate) waiters: Vec<Durable>,
-    /// Their batch ids.
-    pub(crate) batch_ids: Vec<(Arc<str>, u64)>,
+    /// Their batch-id claims.
+    pub(crate) batch_ids: Vec<Claimed>,
+}
+
+/// A claimed batch id and the hits its batch holds.
+#[derive(Debug)]
+pub(crate) struct Claimed {
+    pub(crate) guard: ClaimGuard,
+    pub(crate) accepted: u64,
 }
