@@ -54,101 +54,75 @@ fn addrs(listeners: &Listeners) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     Ok((listeners.grpc.local_addr()?, metrics))
 }
 
-/// Starts an aggregator with extra command-line `args`, in a fresh temporary data directory
-/// unless `args` name one.
-pub async fn start_aggregator(args: &[&str]) -> anyhow::Result<Running> {
-    let temp = if args.contains(&"--data-dir") {
-        None
-    } else {
+/// The command line of a service: `program`, then `fixed`, then `--data-dir <temp>` when the
+/// service keeps state and `args` name no directory, then `args`. Returns the temporary
+/// directory too (deleted when dropped).
+fn command_line(
+    program: &str,
+    fixed: &[&str],
+    args: &[&str],
+    keeps_state: bool,
+) -> anyhow::Result<(Vec<String>, Option<tempfile::TempDir>)> {
+    let temp = if keeps_state && !args.contains(&"--data-dir") {
         Some(tempfile::tempdir()?)
+    } else {
+        None
     };
-    let dir = temp.as_ref().map(|t| t.path().display().to_string());
-    let mut all = vec!["hitcounter-aggregator"];
-    if let Some(dir) = &dir {
-        all.extend(["--data-dir", dir]);
+    let mut all: Vec<String> = std::iter::once(program)
+        .chain(fixed.iter().copied())
+        .map(str::to_owned)
+        .collect();
+    if let Some(temp) = &temp {
+        all.extend(["--data-dir".to_owned(), temp.path().display().to_string()]);
     }
-    all.extend_from_slice(args);
-    let config = hitcounter_aggregator::Config::try_parse_from(all)?;
+    all.extend(args.iter().map(|a| (*a).to_owned()));
+    Ok((all, temp))
+}
+
+/// Binds ephemeral listeners and spawns `serve` on them.
+async fn spawn<F, Fut, E>(data_dir: Option<tempfile::TempDir>, serve: F) -> anyhow::Result<Running>
+where
+    F: FnOnce(Listeners, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
     let listeners = listeners().await?;
     let (addr, metrics_addr) = addrs(&listeners)?;
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            hitcounter_aggregator::serve(config, listeners, shutdown)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    });
+    let served = serve(listeners, shutdown.clone());
+    let task = tokio::spawn(async move { served.await.map_err(|e| e.to_string()) });
     Ok(Running {
         addr,
         metrics_addr,
         shutdown,
         task,
-        data_dir: temp,
+        data_dir,
     })
+}
+
+/// Starts an aggregator with extra command-line `args`, in a fresh temporary data directory
+/// unless `args` name one.
+pub async fn start_aggregator(args: &[&str]) -> anyhow::Result<Running> {
+    let (line, temp) = command_line("hitcounter-aggregator", &[], args, true)?;
+    let config = hitcounter_aggregator::Config::try_parse_from(line)?;
+    spawn(temp, move |l, s| hitcounter_aggregator::serve(config, l, s)).await
 }
 
 /// Starts ingest pointed at `aggregators`, with extra `args`, in a fresh temporary data
 /// directory unless `args` name one.
 pub async fn start_ingest(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::Result<Running> {
     let list = join(aggregators);
-    let temp = if args.contains(&"--data-dir") {
-        None
-    } else {
-        Some(tempfile::tempdir()?)
-    };
-    let dir = temp.as_ref().map(|t| t.path().display().to_string());
-    let mut all = vec!["hitcounter-ingest", "--aggregator", &list];
-    if let Some(dir) = &dir {
-        all.extend(["--data-dir", dir]);
-    }
-    all.extend_from_slice(args);
-    let config = hitcounter_ingest::Config::try_parse_from(all)?;
-    let listeners = listeners().await?;
-    let (addr, metrics_addr) = addrs(&listeners)?;
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            hitcounter_ingest::serve(config, listeners, shutdown)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    });
-    Ok(Running {
-        addr,
-        metrics_addr,
-        shutdown,
-        task,
-        data_dir: temp,
-    })
+    let (line, temp) = command_line("hitcounter-ingest", &["--aggregator", &list], args, true)?;
+    let config = hitcounter_ingest::Config::try_parse_from(line)?;
+    spawn(temp, move |l, s| hitcounter_ingest::serve(config, l, s)).await
 }
 
 /// Starts query pointed at `aggregators`, with extra `args`.
 pub async fn start_query(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::Result<Running> {
     let list = join(aggregators);
-    let mut all = vec!["hitcounter-query", "--aggregator", &list];
-    all.extend_from_slice(args);
-    let config = hitcounter_query::Config::try_parse_from(all)?;
-    let listeners = listeners().await?;
-    let (addr, metrics_addr) = addrs(&listeners)?;
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn({
-        let shutdown = shutdown.clone();
-        async move {
-            hitcounter_query::serve(config, listeners, shutdown)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    });
-    Ok(Running {
-        addr,
-        metrics_addr,
-        shutdown,
-        task,
-        data_dir: None,
-    })
+    let (line, _) = command_line("hitcounter-query", &["--aggregator", &list], args, false)?;
+    let config = hitcounter_query::Config::try_parse_from(line)?;
+    spawn(None, move |l, s| hitcounter_query::serve(config, l, s)).await
 }
 
 fn join(addrs: &[SocketAddr]) -> String {
