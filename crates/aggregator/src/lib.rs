@@ -134,35 +134,15 @@ pub async fn serve(
         )
     });
 
-    if let Some(listener) = listeners.metrics {
-        tokio::spawn(hitcounter_telemetry::metrics::serve(
-            listener,
-            metrics,
-            shutdown.clone(),
-        ));
-    }
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let (reflection_v1, reflection_v1alpha) = hitcounter_proto::reflection_services()
-        .map_err(|e| AggregatorError::Startup(e.to_string()))?;
-    let grpc_addr = listeners.grpc.local_addr().ok();
-    let max_message = config.service.max_message_bytes;
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            AggregatorServer::new(service)
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .serve_with_incoming_shutdown(
-            hitcounter_telemetry::grpc_incoming(listeners.grpc),
-            shutdown.clone().cancelled_owned(),
-        );
-    health
-        .set_serving::<AggregatorServer<AggregatorService>>()
-        .await;
-    tracing::info!(addr = ?grpc_addr, owners = config.owner_count(), "aggregator serving");
+    let service = AggregatorServer::new(service)
+        .max_decoding_message_size(config.service.max_message_bytes)
+        .max_encoding_message_size(config.service.max_message_bytes);
+    tracing::info!(
+        addr = ?listeners.grpc.local_addr().ok(),
+        owners = config.owner_count(),
+        "aggregator serving"
+    );
+    let server = hitcounter_telemetry::server::serve(service, listeners, metrics, shutdown.clone());
 
     // Watch the stages while serving: an owner that fails takes the service down.
     let stage_watch = async {
@@ -179,20 +159,8 @@ pub async fn serve(
         }
         Ok(())
     };
-    let not_serving = async {
-        shutdown.cancelled().await;
-        health
-            .set_not_serving::<AggregatorServer<AggregatorService>>()
-            .await;
-        // The overall status ("") is what orchestrators probe.
-        health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-    };
     let drain = tokio::select! {
-        (served, ()) = async { tokio::join!(server.instrument(tracing::info_span!("grpc")), not_serving) } => {
-            served.map_err(|e| AggregatorError::Startup(e.to_string()))
-        }
+        served = server => served.map_err(|e| AggregatorError::Startup(e.to_string())),
         failed = stage_watch => {
             shutdown.cancel();
             let error = failed.err().unwrap_or(AggregatorError::OwnerStopped);

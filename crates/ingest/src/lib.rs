@@ -172,47 +172,18 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     };
 
-    if let Some(listener) = listeners.metrics {
-        tokio::spawn(hitcounter_telemetry::metrics::serve(
-            listener,
-            metrics,
-            shutdown.clone(),
-        ));
-    }
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let (reflection_v1, reflection_v1alpha) =
-        hitcounter_proto::reflection_services().map_err(|e| IngestError::Startup(e.to_string()))?;
-    let grpc_addr = listeners.grpc.local_addr().ok();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            IngestServer::new(service)
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .serve_with_incoming_shutdown(
-            hitcounter_telemetry::grpc_incoming(listeners.grpc),
-            shutdown.clone().cancelled_owned(),
-        );
-    health.set_serving::<IngestServer<IngestService>>().await;
-    tracing::info!(addr = ?grpc_addr, shards = links.len(), producer_id, "ingest serving");
-
-    let not_serving = async {
-        shutdown.cancelled().await;
-        health
-            .set_not_serving::<IngestServer<IngestService>>()
-            .await;
-        // The overall status ("") is what orchestrators probe.
-        health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-    };
+    let service = IngestServer::new(service)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    tracing::info!(
+        addr = ?listeners.grpc.local_addr().ok(),
+        shards = links.len(),
+        producer_id,
+        "ingest serving"
+    );
+    let server = hitcounter_telemetry::server::serve(service, listeners, metrics, shutdown.clone());
     let served = tokio::select! {
-        (served, ()) = async { tokio::join!(server.instrument(tracing::info_span!("grpc")), not_serving) } => {
-            served.map_err(|e| IngestError::Startup(e.to_string()))
-        }
+        served = server => served.map_err(|e| IngestError::Startup(e.to_string())),
         stopped = &mut combine => {
             return Err(stage_failed(&shutdown, "combine", stopped));
         }

@@ -23,7 +23,6 @@ use std::sync::Arc;
 use hitcounter_proto::v1::query_server::QueryServer;
 use hitcounter_telemetry::{CancellationToken, Listeners};
 use tokio::sync::Semaphore;
-use tracing::Instrument;
 
 pub use config::Config;
 pub use error::QueryError;
@@ -58,41 +57,11 @@ pub async fn serve(
         shutdown: shutdown.clone(),
     };
 
-    if let Some(listener) = listeners.metrics {
-        tokio::spawn(hitcounter_telemetry::metrics::serve(
-            listener,
-            metrics,
-            shutdown.clone(),
-        ));
-    }
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let (reflection_v1, reflection_v1alpha) =
-        hitcounter_proto::reflection_services().map_err(|e| QueryError::Startup(e.to_string()))?;
-    let grpc_addr = listeners.grpc.local_addr().ok();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            QueryServer::new(service)
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        .serve_with_incoming_shutdown(
-            hitcounter_telemetry::grpc_incoming(listeners.grpc),
-            shutdown.clone().cancelled_owned(),
-        );
-    health.set_serving::<QueryServer<QueryService>>().await;
-    tracing::info!(addr = ?grpc_addr, "query serving");
-    let not_serving = async {
-        shutdown.cancelled().await;
-        health.set_not_serving::<QueryServer<QueryService>>().await;
-        // The overall status ("") is what orchestrators probe.
-        health
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-    };
-    let (served, ()) = tokio::join!(server.instrument(tracing::info_span!("grpc")), not_serving);
+    let service = QueryServer::new(service)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
+    tracing::info!(addr = ?listeners.grpc.local_addr().ok(), "query serving");
+    let served = hitcounter_telemetry::server::serve(service, listeners, metrics, shutdown).await;
     tracing::info!("query stopped");
     served.map_err(|e| QueryError::Startup(e.to_string()))
 }

@@ -4,12 +4,14 @@
 //! - [`metrics`]: the process-wide Prometheus recorder and the HTTP `/metrics` endpoint.
 //! - [`rpc`]: per-RPC request counters and latency histograms, recorded at the gRPC edge.
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a [`CancellationToken`] every task watches.
+//! - [`server`]: the gRPC server every service runs (health, reflection, metrics, drain).
 //! - [`ServiceArgs`]: the command-line knobs every service has (log format, metrics address,
 //!   drain deadline, message size limit).
 
 pub mod logging;
 pub mod metrics;
 pub mod rpc;
+pub mod server;
 pub mod shutdown;
 
 use std::{net::SocketAddr, time::Duration};
