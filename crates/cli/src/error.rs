@@ -71,7 +71,7 @@ impl CliError {
     pub fn code(&self) -> &'static str {
         match self {
             Self::Unreachable(_) => "UNREACHABLE",
-            Self::Status(status) => code_name(status.code()),
+            Self::Status(status) => hitcounter_proto::code_name(status.code()),
             Self::Usage(_) => "USAGE",
             Self::Load(_) => "LOAD",
             Self::Output(_) => "OUTPUT",
@@ -85,35 +85,11 @@ pub fn status_line(status: &tonic::Status) -> String {
     if message.is_empty() {
         format!(
             "{}: {}",
-            code_name(status.code()),
+            hitcounter_proto::code_name(status.code()),
             status.code().description()
         )
     } else {
-        format!("{}: {message}", code_name(status.code()))
-    }
-}
-
-/// The canonical name of a gRPC status code (`INVALID_ARGUMENT`).
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
+        format!("{}: {message}", hitcounter_proto::code_name(status.code()))
     }
 }
 

@@ -37,7 +37,7 @@ pub fn record<T>(
     metrics::counter!(
         format!("hitcounter_{service}_requests_total"),
         "method" => method,
-        "code" => code_name(code)
+        "code" => hitcounter_proto::code_name(code)
     )
     .increment(1);
     metrics::histogram!(
@@ -45,27 +45,4 @@ pub fn record<T>(
         "method" => method
     )
     .record(started.elapsed().as_secs_f64());
-}
-
-/// The canonical upper-case name of a gRPC code, as Prometheus label value.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
