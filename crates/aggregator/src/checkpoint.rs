@@ -1,10 +1,16 @@
 //! Checkpoints: the aggregator's window state and per-producer progress, on disk.
 //!
 //! A checkpoint is taken by the `snapshot` stage (see `crate::serve`): applies pause briefly while
-//! every owner clones its store and the producers' progress is copied, so the two agree exactly
-//! (every batch is either wholly in the checkpoint and marked applied, or wholly absent and not
-//! marked). Encoding and writing happen on a blocking thread from the copies, so queries and
-//! applies go on meanwhile.
+//! every owner copies its store into a flat [`StoreImage`] and the producers' progress is copied,
+//! so the two agree exactly (every batch is either wholly in the checkpoint and marked applied,
+//! or wholly absent and not marked). Encoding and writing happen on a blocking thread from the
+//! copies, so queries and applies go on meanwhile.
+//!
+//! The payload is encoded *as it is written*, one key at a time through a small buffer, never
+//! as a whole message in memory: with ten million counters a `Checkpoint` message would hold a
+//! `String` and two `Vec`s per key, several times the store itself, and the process would keep
+//! that memory (fragmented) after the checkpoint. A repeated field encoded field by field is
+//! the same bytes as the whole message, so the reader decodes it as one `Checkpoint`.
 //!
 //! File: `checkpoint-<taken_at_ms, 20 digits>.ckpt` =
 //! `b"HCCP"` | format version `u32` LE | payload length `u64` LE | CRC-32 of the payload `u32` LE |
@@ -18,12 +24,12 @@
 
 use std::{
     fs,
-    io::Write,
+    io::{Seek, SeekFrom, Write},
     path::{Path, PathBuf},
 };
 
 use hitcounter_proto::aggregator::v1::{Checkpoint, KeyCounters, ProducerProgress};
-use hitcounter_window::{StoreLimits, WindowStore};
+use hitcounter_window::{StoreImage, StoreLimits, WindowStore};
 use prost::Message;
 
 use crate::dedup::Progress;
@@ -65,7 +71,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 pub(crate) struct State {
     pub(crate) taken_at_ms: i64,
     pub(crate) producers: Vec<(u64, Progress)>,
-    pub(crate) stores: Vec<WindowStore>,
+    pub(crate) stores: Vec<StoreImage>,
 }
 
 /// What a loaded checkpoint held.
@@ -76,41 +82,78 @@ pub(crate) struct Loaded {
     pub(crate) counters: usize,
 }
 
-fn encode(state: &State) -> Vec<u8> {
-    let mut keys = Vec::new();
-    for store in &state.stores {
-        for (key, counters) in store.iter() {
-            let mut previous = 0i64;
-            let mut second_deltas = Vec::new();
-            let mut counts = Vec::new();
-            for (second, count) in counters {
-                second_deltas.push((second - previous) as u64);
-                previous = second;
-                counts.push(count);
-            }
-            keys.push(KeyCounters {
-                key: key.to_owned(),
-                second_deltas,
-                counts,
-            });
+/// Bytes buffered before they go to the file (and the checksum).
+const WRITE_CHUNK: usize = 1 << 16;
+
+/// The payload's bytes on their way to the file: counts them and checksums them.
+struct PayloadWriter<W: Write> {
+    out: W,
+    chunk: Vec<u8>,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> PayloadWriter<W> {
+    fn new(out: W) -> Self {
+        Self {
+            out,
+            chunk: Vec::with_capacity(WRITE_CHUNK * 2),
+            crc: crc32fast::Hasher::new(),
+            len: 0,
         }
     }
-    let producers = state
-        .producers
-        .iter()
-        .map(|(producer_id, progress)| ProducerProgress {
+
+    /// Writes the buffer out once it is full (or always, with `force`).
+    fn flush_chunk(&mut self, force: bool) -> std::io::Result<()> {
+        if self.chunk.len() >= WRITE_CHUNK || (force && !self.chunk.is_empty()) {
+            self.crc.update(&self.chunk);
+            self.len += self.chunk.len() as u64;
+            self.out.write_all(&self.chunk)?;
+            self.chunk.clear();
+        }
+        Ok(())
+    }
+
+    /// Everything written: the writer, the payload length and its CRC-32.
+    fn finish(mut self) -> std::io::Result<(W, u64, u32)> {
+        self.flush_chunk(true)?;
+        Ok((self.out, self.len, self.crc.finalize()))
+    }
+}
+
+/// Encodes `state` as a `Checkpoint` message into `out`, field by field.
+fn encode<W: Write>(state: &State, out: &mut PayloadWriter<W>) -> std::io::Result<()> {
+    use prost::encoding::{int64, message, uint32};
+    uint32::encode(1, &FORMAT, &mut out.chunk);
+    int64::encode(2, &state.taken_at_ms, &mut out.chunk);
+    for (producer_id, progress) in &state.producers {
+        let producer = ProducerProgress {
             producer_id: *producer_id,
             applied_through: progress.through,
             applied_above: progress.above.iter().copied().collect(),
-        })
-        .collect();
-    Checkpoint {
-        version: FORMAT,
-        taken_at_ms: state.taken_at_ms,
-        producers,
-        keys,
+        };
+        message::encode(3, &producer, &mut out.chunk);
+        out.flush_chunk(false)?;
     }
-    .encode_to_vec()
+    // One scratch message for every key: its buffers are reused.
+    let mut scratch = KeyCounters::default();
+    for store in &state.stores {
+        for (key, counters) in store.iter() {
+            scratch.key.clear();
+            scratch.key.push_str(key);
+            scratch.second_deltas.clear();
+            scratch.counts.clear();
+            let mut previous = 0i64;
+            for (second, count) in counters {
+                scratch.second_deltas.push((second - previous) as u64);
+                previous = second;
+                scratch.counts.push(count);
+            }
+            message::encode(4, &scratch, &mut out.chunk);
+            out.flush_chunk(false)?;
+        }
+    }
+    Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
@@ -123,22 +166,30 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
 /// written. Blocking: run it on a blocking thread.
 pub(crate) fn write(dir: &Path, state: &State) -> Result<u64, CheckpointError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let payload = encode(state);
-    let mut file_bytes = Vec::with_capacity(HEADER + payload.len());
-    file_bytes.extend_from_slice(MAGIC);
-    file_bytes.extend_from_slice(&FORMAT.to_le_bytes());
-    file_bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    file_bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    file_bytes.extend_from_slice(&payload);
-
     let name = format!("checkpoint-{:020}.ckpt", state.taken_at_ms.max(0));
     let path = dir.join(&name);
     let tmp = dir.join(format!("{name}.tmp"));
-    {
+    let payload_len = {
         let mut file = fs::File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&file_bytes).map_err(io(&tmp))?;
+        // The header's length and checksum are known only at the end: leave room, write the
+        // payload, then go back and fill the header in.
+        file.write_all(&[0u8; HEADER]).map_err(io(&tmp))?;
+        let mut payload = PayloadWriter::new(std::io::BufWriter::new(file));
+        encode(state, &mut payload).map_err(io(&tmp))?;
+        let (buffered, len, crc) = payload.finish().map_err(io(&tmp))?;
+        let mut file = buffered
+            .into_inner()
+            .map_err(|e| io(&tmp)(e.into_error()))?;
+        let mut header = Vec::with_capacity(HEADER);
+        header.extend_from_slice(MAGIC);
+        header.extend_from_slice(&FORMAT.to_le_bytes());
+        header.extend_from_slice(&len.to_le_bytes());
+        header.extend_from_slice(&crc.to_le_bytes());
+        file.seek(SeekFrom::Start(0)).map_err(io(&tmp))?;
+        file.write_all(&header).map_err(io(&tmp))?;
         file.sync_all().map_err(io(&tmp))?;
-    }
+        len
+    };
     fs::rename(&tmp, &path).map_err(io(&path))?;
     sync_dir(dir)?;
     for old in list(dir)? {
@@ -146,7 +197,7 @@ pub(crate) fn write(dir: &Path, state: &State) -> Result<u64, CheckpointError> {
             fs::remove_file(&old).map_err(io(&old))?;
         }
     }
-    Ok(file_bytes.len() as u64)
+    Ok(HEADER as u64 + payload_len)
 }
 
 /// Checkpoint files in `dir`, oldest first; leftover `.tmp` files of an interrupted write are
@@ -278,8 +329,49 @@ mod tests {
                     above: [43].into(),
                 },
             )],
-            stores: vec![a, b],
+            stores: vec![a.image(), b.image()],
         }
+    }
+
+    #[test]
+    fn streamed_payload_is_the_whole_message_encoding() {
+        let state = state(1_700_000_000_123);
+        let mut streamed = PayloadWriter::new(Vec::new());
+        encode(&state, &mut streamed).unwrap();
+        let (bytes, len, crc) = streamed.finish().unwrap();
+        let mut keys = Vec::new();
+        for store in &state.stores {
+            for (key, counters) in store.iter() {
+                let counters: Vec<(i64, u64)> = counters.collect();
+                let mut previous = 0;
+                keys.push(KeyCounters {
+                    key: key.to_owned(),
+                    second_deltas: counters
+                        .iter()
+                        .map(|&(s, _)| {
+                            let delta = (s - previous) as u64;
+                            previous = s;
+                            delta
+                        })
+                        .collect(),
+                    counts: counters.iter().map(|&(_, c)| c).collect(),
+                });
+            }
+        }
+        let whole = Checkpoint {
+            version: FORMAT,
+            taken_at_ms: state.taken_at_ms,
+            producers: vec![ProducerProgress {
+                producer_id: 7,
+                applied_through: 41,
+                applied_above: vec![43],
+            }],
+            keys,
+        }
+        .encode_to_vec();
+        assert_eq!(bytes, whole);
+        assert_eq!(len, whole.len() as u64);
+        assert_eq!(crc, crc32fast::hash(&whole));
     }
 
     #[test]

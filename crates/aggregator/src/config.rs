@@ -43,13 +43,14 @@ pub struct Config {
 
     /// How often the window state is written to a checkpoint in the data directory, in
     /// milliseconds. Ingest keeps its log until a checkpoint covers it, so this bounds how much
-    /// is replayed after a crash of the aggregator. 0 disables checkpoints: state is then lost on
+    /// is replayed after a crash of the aggregator; each checkpoint rewrites the whole state, so a
+    /// short period costs CPU and query tail latency. 0 disables checkpoints: state is then lost on
     /// restart, and ingest, which trims its log only up to a checkpoint, fills its disk budget
     /// (for tests and throwaway setups only).
     #[arg(
         long,
         env = "HITCOUNTER_CHECKPOINT_INTERVAL_MS",
-        default_value_t = 2000
+        default_value_t = 10_000
     )]
     pub checkpoint_interval_ms: u64,
 
@@ -60,6 +61,11 @@ pub struct Config {
     /// Acks queued per apply stream before the stream stops reading.
     #[arg(long, env = "HITCOUNTER_ACK_CHANNEL_CAPACITY", default_value_t = 256)]
     pub ack_channel_capacity: usize,
+
+    /// Batches of one apply stream applied at once (decoding the next batch overlaps with
+    /// applying the previous ones). Acks still go out in order.
+    #[arg(long, env = "HITCOUNTER_APPLY_WINDOW", default_value_t = 4)]
+    pub apply_window: usize,
 
     /// Shared service settings.
     #[command(flatten)]

@@ -1,12 +1,17 @@
 //! The gRPC edge of the aggregator: the `hitcounter.aggregator.v1.Aggregator` service.
 //!
 //! `Apply` reads one ingest forwarder's stream of delta batches; each batch is deduplicated by
-//! (producer, seq), applied through the owners, and acknowledged on the response stream. Reads
-//! (`Count`, `Series`, `Top`) fan out to the owners and fan in.
+//! (producer, seq), applied through the owners, and acknowledged on the response stream, in the
+//! order received. Up to `--apply-window` batches of a stream are applied at once, so decoding
+//! the next batch overlaps with the owners applying the previous ones (counts add, so the order
+//! in which batches land does not matter; a checkpoint waits for every batch in flight through
+//! the apply gate). An apply that has started always runs to the end, also on shutdown or
+//! when the stream breaks: stopping half-way would leave a batch partly applied but marked as
+//! applied. Reads (`Count`, `Series`, `Top`) fan out to the owners and fan in.
 
 use std::{collections::HashMap, pin::Pin, sync::Arc};
 
-use futures::{Stream, StreamExt};
+use futures::{stream::FuturesOrdered, Stream, StreamExt};
 use hitcounter_proto::aggregator::v1::{
     aggregator_server::Aggregator, ApplyRequest, ApplyResponse, CountRequest, CountResponse,
     KeyCount, SeriesRequest, SeriesResponse, TopRequest, TopResponse,
@@ -30,6 +35,8 @@ pub(crate) struct AggregatorService {
     pub(crate) applier: Arc<Applier>,
     pub(crate) retention_seconds: u32,
     pub(crate) ack_capacity: usize,
+    /// Batches of one stream applied at once.
+    pub(crate) apply_window: usize,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -113,31 +120,43 @@ impl Aggregator for AggregatorService {
             hitcounter_pipeline::channel("aggregator_apply_acks", self.ack_capacity);
         let applier = Arc::clone(&self.applier);
         let shutdown = self.shutdown.clone();
+        let window = self.apply_window.max(1);
         tokio::spawn(
             async move {
                 tracing::debug!("apply stream opened");
-                loop {
-                    let next = tokio::select! {
+                let mut applying = FuturesOrdered::new();
+                let (mut reading, mut acking) = (true, true);
+                while reading || !applying.is_empty() {
+                    tokio::select! {
                         // On shutdown stop reading: unacked batches are resent by ingest.
-                        _ = shutdown.cancelled() => break,
-                        next = batches.message() => next,
-                    };
-                    let batch = match next {
-                        Ok(Some(batch)) => batch,
-                        Ok(None) => break,
-                        Err(status) => {
-                            tracing::debug!(%status, "apply stream broke");
-                            break;
+                        _ = shutdown.cancelled(), if reading => reading = false,
+                        next = batches.message(), if reading && applying.len() < window => {
+                            match next {
+                                Ok(Some(batch)) => {
+                                    let applier = Arc::clone(&applier);
+                                    applying.push_back(async move {
+                                        let started = std::time::Instant::now();
+                                        let ack = applier.apply(batch).await.map_err(Status::from);
+                                        rpc::record("aggregator", "Apply", &ack, started);
+                                        ack
+                                    });
+                                }
+                                Ok(None) => reading = false,
+                                Err(status) => {
+                                    tracing::debug!(%status, "apply stream broke");
+                                    reading = false;
+                                }
+                            }
                         }
-                    };
-                    let started = std::time::Instant::now();
-                    let ack = applier.apply(batch).await.map_err(Status::from);
-                    rpc::record("aggregator", "Apply", &ack, started);
-                    let failed = ack.is_err();
-                    // The ack channel is bounded: if the forwarder stops reading acks, we stop
-                    // reading batches.
-                    if acks_tx.send(ack).await.is_err() || failed {
-                        break;
+                        Some(ack) = applying.next() => {
+                            let failed = ack.is_err();
+                            // The ack channel is bounded: if the forwarder stops reading acks,
+                            // we stop reading batches. Applies already started still finish.
+                            if acking && (acks_tx.send(ack).await.is_err() || failed) {
+                                acking = false;
+                                reading = false;
+                            }
+                        }
                     }
                 }
                 tracing::debug!("apply stream closed");

@@ -117,6 +117,7 @@ pub async fn serve(
         applier: Arc::clone(&applier),
         retention_seconds: config.retention_seconds,
         ack_capacity: config.ack_channel_capacity,
+        apply_window: config.apply_window,
         shutdown: shutdown.clone(),
     };
     // The snapshot stage: periodic checkpoints until shutdown, then a last one after the server

@@ -1,32 +1,54 @@
 //! The `apply` stage: owner tasks that hold the window state, actor style.
 //!
 //! The key space is split by hash over N owners (see `hitcounter_stack::shard::owner_of`). Each
-//! owner is a task that owns one [`WindowStore`] and drains its own bounded mailbox, so the hot
-//! path takes no lock: writes and reads for a key are serialized by its owner's mailbox. Writes
-//! are partitioned and sent to the owners of their keys; reads fan out to the owners involved and
-//! their answers are merged (fan-in). A full mailbox makes the caller wait, which propagates
-//! backpressure up the apply stream to ingest.
+//! owner is a task that owns one [`WindowStore`] and drains its own two bounded mailboxes, so
+//! the hot path takes no lock: writes and reads for a key are serialized by its owner. Writes
+//! are partitioned and sent to the owners of their keys; reads fan out to the owners involved
+//! and their answers are merged (fan-in). A full mailbox makes the caller wait, which
+//! propagates backpressure up the apply stream to ingest.
 //!
-//! Each owner also evicts seconds that fell out of retention once a second, so memory follows
-//! the seconds that actually had hits.
+//! Reads have their own mailbox and go first. A write batch can hold tens of thousands of
+//! deltas (one ingest flush) and takes milliseconds to apply; a `GetHits` queued behind it
+//! would wait that long. So the owner prefers its read mailbox, and inside a long apply it
+//! answers the reads that arrived every [`APPLY_CHUNK`] deltas and yields to the runtime (so
+//! the gRPC tasks that carry the answers get a worker). A read may therefore see part of a
+//! batch that is being applied, as it may see a batch applied by one owner and not yet by
+//! another: reads are never older than the last completed apply.
+//!
+//! Each owner also evicts seconds that fell out of retention, so memory follows the seconds that
+//! actually had hits. Eviction visits every key of the owner (with a million keys, tens of
+//! milliseconds during which reads wait), so it runs every `retention / 64` seconds (at least
+//! every second) rather than every second: the store holds at most 1/64 more seconds than the
+//! retention, and those are never read (a query window never reaches before the retention).
 
 use std::{sync::Arc, time::Duration};
 
 use hitcounter_pipeline::{StageReceiver, StageSender};
 use hitcounter_proto::aggregator::v1::Delta;
 use hitcounter_stack::shard::owner_of;
-use hitcounter_window::{StoreError, StoreLimits, WindowStore};
+use hitcounter_window::{StoreError, StoreImage, StoreLimits, WindowStore};
 use tokio::{sync::oneshot, task::JoinSet};
 use tracing::Instrument;
 
 use crate::error::AggregatorError;
 
-/// A request to one owner.
-enum Command {
+/// Deltas applied between two looks at the read mailbox. About 100 µs of work with a store of
+/// a million keys: short enough to keep reads fast, long enough that the look costs nothing.
+const APPLY_CHUNK: usize = 1024;
+
+/// A change to one owner's store, or a copy of it; in the order sent.
+enum Write {
     Apply {
         deltas: Vec<Delta>,
         done: oneshot::Sender<u64>,
     },
+    Snapshot {
+        reply: oneshot::Sender<StoreImage>,
+    },
+}
+
+/// A read of one owner's store.
+enum Read {
     Count {
         keys: Vec<(usize, String)>,
         end_second: i64,
@@ -47,15 +69,57 @@ enum Command {
         prefix: Arc<str>,
         reply: oneshot::Sender<Vec<(String, u64)>>,
     },
-    Snapshot {
-        reply: oneshot::Sender<WindowStore>,
-    },
+}
+
+impl Read {
+    /// Answers from `store`. The caller may have gone away; the answer is dropped then.
+    fn answer(self, store: &WindowStore) {
+        match self {
+            Read::Count {
+                keys,
+                end_second,
+                window_seconds,
+                reply,
+            } => {
+                let counts = keys
+                    .into_iter()
+                    .map(|(i, key)| (i, store.count(&key, end_second, window_seconds)))
+                    .collect();
+                let _ = reply.send(counts);
+            }
+            Read::Series {
+                key,
+                start_second,
+                step_seconds,
+                points,
+                reply,
+            } => {
+                let _ = reply.send(store.series(&key, start_second, step_seconds, points));
+            }
+            Read::Top {
+                end_second,
+                window_seconds,
+                limit,
+                prefix,
+                reply,
+            } => {
+                let _ = reply.send(store.top(end_second, window_seconds, limit, &prefix));
+            }
+        }
+    }
+}
+
+/// One owner's two mailboxes.
+#[derive(Clone)]
+struct Mailboxes {
+    writes: StageSender<Write>,
+    reads: StageSender<Read>,
 }
 
 /// Handle to the owner tasks: partitions requests, sends them, merges the answers.
 #[derive(Clone)]
 pub(crate) struct Owners {
-    mailboxes: Vec<StageSender<Command>>,
+    mailboxes: Vec<Mailboxes>,
 }
 
 /// Settings of the owner tasks.
@@ -90,23 +154,34 @@ impl Owners {
         let mut stores = stores.into_iter();
         let mailboxes = (0..owners)
             .map(|index| {
-                let (tx, rx) =
+                let (writes, write_mailbox) =
                     hitcounter_pipeline::channel("aggregator_owner_mailbox", settings.mailbox);
+                let (reads, read_mailbox) =
+                    hitcounter_pipeline::channel("aggregator_owner_reads", settings.mailbox);
                 let store = stores.next().unwrap_or_else(|| WindowStore::new(limits));
                 let retention = i64::from(settings.retention_seconds);
                 tasks.spawn(
-                    run_owner(index, store, rx, retention)
+                    run_owner(index, store, write_mailbox, read_mailbox, retention)
                         .instrument(tracing::info_span!("apply", owner = index)),
                 );
-                tx
+                Mailboxes { writes, reads }
             })
             .collect();
         Self { mailboxes }
     }
 
-    async fn send(&self, owner: usize, command: Command) -> Result<(), AggregatorError> {
+    async fn write(&self, owner: usize, write: Write) -> Result<(), AggregatorError> {
         self.mailboxes[owner]
-            .send(command)
+            .writes
+            .send(write)
+            .await
+            .map_err(|_| AggregatorError::OwnerStopped)
+    }
+
+    async fn read(&self, owner: usize, read: Read) -> Result<(), AggregatorError> {
+        self.mailboxes[owner]
+            .reads
+            .send(read)
             .await
             .map_err(|_| AggregatorError::OwnerStopped)
     }
@@ -124,7 +199,7 @@ impl Owners {
                 continue;
             }
             let (done, wait) = oneshot::channel();
-            self.send(owner, Command::Apply { deltas, done }).await?;
+            self.write(owner, Write::Apply { deltas, done }).await?;
             waits.push(wait);
         }
         let mut dropped = 0;
@@ -134,12 +209,13 @@ impl Owners {
         Ok(dropped)
     }
 
-    /// A copy of every owner's store, in owner order, each taken between two of its commands.
-    pub(crate) async fn snapshot(&self) -> Result<Vec<WindowStore>, AggregatorError> {
+    /// A flat copy of every owner's store, in owner order, each taken between two of its
+    /// writes.
+    pub(crate) async fn snapshot(&self) -> Result<Vec<StoreImage>, AggregatorError> {
         let mut waits = Vec::with_capacity(self.mailboxes.len());
         for owner in 0..self.mailboxes.len() {
             let (reply, wait) = oneshot::channel();
-            self.send(owner, Command::Snapshot { reply }).await?;
+            self.write(owner, Write::Snapshot { reply }).await?;
             waits.push(wait);
         }
         let mut stores = Vec::with_capacity(waits.len());
@@ -168,13 +244,13 @@ impl Owners {
                 continue;
             }
             let (reply, wait) = oneshot::channel();
-            let command = Command::Count {
+            let command = Read::Count {
                 keys,
                 end_second,
                 window_seconds,
                 reply,
             };
-            self.send(owner, command).await?;
+            self.read(owner, command).await?;
             waits.push(wait);
         }
         let mut counts = vec![0; total];
@@ -196,14 +272,14 @@ impl Owners {
     ) -> Result<Vec<u64>, AggregatorError> {
         let owner = owner_of(&key, self.mailboxes.len());
         let (reply, wait) = oneshot::channel();
-        let command = Command::Series {
+        let command = Read::Series {
             key,
             start_second,
             step_seconds,
             points,
             reply,
         };
-        self.send(owner, command).await?;
+        self.read(owner, command).await?;
         wait.await.map_err(|_| AggregatorError::OwnerStopped)
     }
 
@@ -220,14 +296,14 @@ impl Owners {
         let mut waits = Vec::with_capacity(self.mailboxes.len());
         for owner in 0..self.mailboxes.len() {
             let (reply, wait) = oneshot::channel();
-            let command = Command::Top {
+            let command = Read::Top {
                 end_second,
                 window_seconds,
                 limit,
                 prefix: Arc::clone(&prefix),
                 reply,
             };
-            self.send(owner, command).await?;
+            self.read(owner, command).await?;
             waits.push(wait);
         }
         let mut merged = Vec::new();
@@ -248,7 +324,8 @@ pub(crate) fn merge_top(mut keys: Vec<(String, u64)>, limit: usize) -> Vec<(Stri
 async fn run_owner(
     index: usize,
     mut store: WindowStore,
-    mailbox: StageReceiver<Command>,
+    writes: StageReceiver<Write>,
+    reads: StageReceiver<Read>,
     retention_seconds: i64,
 ) -> Result<(), AggregatorError> {
     let label = index.to_string();
@@ -259,59 +336,42 @@ async fn run_owner(
     let applied = metrics::counter!("hitcounter_aggregator_deltas_applied_total");
     let dropped_total =
         metrics::counter!("hitcounter_aggregator_deltas_dropped_total", "reason" => "key_limit");
-    let mut evict = tokio::time::interval(Duration::from_secs(1));
-    evict.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
+    // Gauges every second; eviction every `evict_every` seconds (see the module docs).
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let evict_every = (retention_seconds / 64).max(1);
+    let mut evicted_at = i64::MIN;
+    let (mut reads_open, mut writes_open) = (true, true);
+    while reads_open || writes_open {
         tokio::select! {
-            command = mailbox.recv() => {
-                let Some(command) = command else { break };
-                match command {
-                    Command::Apply { deltas, done } => {
-                        let mut dropped = 0u64;
-                        let total = deltas.len() as u64;
-                        for delta in deltas {
-                            match store.add(&delta.key, delta.second, delta.count) {
-                                Ok(()) => {}
-                                Err(StoreError::KeyLimit { limit }) => {
-                                    dropped += 1;
-                                    if dropped == 1 {
-                                        tracing::error!(limit, "key limit reached: dropping deltas of new keys; raise --max-keys or add shards");
-                                    }
-                                }
-                                Err(error) => {
-                                    dropped += 1;
-                                    tracing::warn!(%error, "delta not applied");
-                                }
-                            }
-                        }
-                        applied.increment(total - dropped);
-                        dropped_total.increment(dropped);
-                        // The caller may have gone away; the deltas are applied either way.
-                        let _ = done.send(dropped);
-                    }
-                    Command::Count { keys, end_second, window_seconds, reply } => {
-                        let counts = keys
-                            .into_iter()
-                            .map(|(i, key)| (i, store.count(&key, end_second, window_seconds)))
-                            .collect();
-                        let _ = reply.send(counts);
-                    }
-                    Command::Series { key, start_second, step_seconds, points, reply } => {
-                        let _ = reply.send(store.series(&key, start_second, step_seconds, points));
-                    }
-                    Command::Top { end_second, window_seconds, limit, prefix, reply } => {
-                        let _ = reply.send(store.top(end_second, window_seconds, limit, &prefix));
-                    }
-                    Command::Snapshot { reply } => {
-                        let _ = reply.send(store.clone());
-                    }
+            // Reads first, see the module docs.
+            biased;
+            read = reads.recv(), if reads_open => match read {
+                Some(read) => read.answer(&store),
+                None => reads_open = false,
+            },
+            write = writes.recv(), if writes_open => match write {
+                Some(Write::Apply { deltas, done }) => {
+                    let total = deltas.len() as u64;
+                    let dropped = apply(&mut store, deltas, &reads).await;
+                    applied.increment(total - dropped);
+                    dropped_total.increment(dropped);
+                    // The caller may have gone away; the deltas are applied either way.
+                    let _ = done.send(dropped);
                 }
-            }
-            _ = evict.tick() => {
-                // Keep one extra second beyond retention so a window of exactly `retention`
-                // seconds ending now is always complete.
-                let oldest = crate::clock::now_second() - retention_seconds;
-                store.evict_before(oldest);
+                Some(Write::Snapshot { reply }) => {
+                    let _ = reply.send(store.image());
+                }
+                None => writes_open = false,
+            },
+            _ = tick.tick() => {
+                let now = crate::clock::now_second();
+                if now.saturating_sub(evicted_at) >= evict_every {
+                    // Keep one extra second beyond retention so a window of exactly `retention`
+                    // seconds ending now is always complete.
+                    store.evict_before(now - retention_seconds);
+                    evicted_at = now;
+                }
                 keys_gauge.set(store.key_count() as f64);
                 counters_gauge.set(store.counter_count() as f64);
                 bytes_gauge.set(store.approx_heap_bytes() as f64);
@@ -320,4 +380,35 @@ async fn run_owner(
     }
     tracing::debug!(owner = index, "owner stopped");
     Ok(())
+}
+
+/// Applies `deltas` to `store`, answering waiting reads every [`APPLY_CHUNK`] deltas; returns
+/// how many were dropped (key limit, or a second out of range).
+async fn apply(store: &mut WindowStore, deltas: Vec<Delta>, reads: &StageReceiver<Read>) -> u64 {
+    let mut dropped = 0u64;
+    for (n, delta) in deltas.into_iter().enumerate() {
+        if n > 0 && n % APPLY_CHUNK == 0 {
+            while let Some(read) = reads.try_recv() {
+                read.answer(store);
+            }
+            tokio::task::yield_now().await;
+        }
+        match store.add(&delta.key, delta.second, delta.count) {
+            Ok(()) => {}
+            Err(StoreError::KeyLimit { limit }) => {
+                dropped += 1;
+                if dropped == 1 {
+                    tracing::error!(
+                        limit,
+                        "key limit reached: dropping deltas of new keys; raise --max-keys or add shards"
+                    );
+                }
+            }
+            Err(error) => {
+                dropped += 1;
+                tracing::warn!(%error, "delta not applied");
+            }
+        }
+    }
+    dropped
 }

@@ -11,13 +11,18 @@
 //!    send time (corrected for coordinated omission);
 //! 3. visibility (hitcounter only; a Redis reply is visible at once): `RecordHit` of a fresh
 //!    key, then `GetHits` polled until it shows, ack to first read that sees it;
-//! 4. drain (hitcounter only): the aggregator is killed, `--drain-hits` hits are acknowledged
+//! 4. memory: aggregator versus `redis-server` resident-set growth per (key, second) counter
+//!    after loading `--memory-keys` keys with 10 hits each spread over 300 s (see `memory.rs`);
+//! 5. scaling: ingest throughput (hitcounter and Redis's best layout of workload 1) at
+//!    `--scale-streams` streams and at `--scale-keys` keys, to show how cost grows;
+//! 6. drain (hitcounter only): the aggregator is killed, `--drain-hits` hits are acknowledged
 //!    into ingest's log, the aggregator is restarted, and the time until all are visible.
 //!
 //! It prints the machine, the command and one table (medians over `--runs`, with min–max).
 //! Run: `cargo build --release --bins && ./target/release/hitcounter-bench`.
 
 mod keys;
+mod memory;
 mod redis;
 mod stack;
 mod workloads;
@@ -26,7 +31,12 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use clap::Parser;
 
-use crate::{keys::Keys, redis::Layout, stack::Stack, workloads::ms};
+use crate::{
+    keys::Keys,
+    redis::Layout,
+    stack::{ExtraArgs, Stack},
+    workloads::ms,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -70,18 +80,59 @@ struct Args {
     /// Extra ingest arguments, e.g. `--ingest-arg=--fsync=never`.
     #[arg(long = "ingest-arg", allow_hyphen_values = true)]
     ingest_args: Vec<String>,
+    /// Extra aggregator arguments, e.g. `--aggregator-arg=--checkpoint-interval-ms=10000`.
+    #[arg(long = "aggregator-arg", allow_hyphen_values = true)]
+    aggregator_args: Vec<String>,
+    /// Extra query arguments.
+    #[arg(long = "query-arg", allow_hyphen_values = true)]
+    query_args: Vec<String>,
     /// The redis-server binary (installed with apt-get if it is the default and missing).
     #[arg(long, default_value = "redis-server")]
     redis_server: String,
     /// Pipelines outstanding per Redis connection.
     #[arg(long, default_value_t = 1)]
     redis_inflight: usize,
+    /// Key counts of the memory workload (10 hits per key over 300 s each).
+    #[arg(long, value_delimiter = ',', default_values_t = [100_000u64, 1_000_000])]
+    memory_keys: Vec<u64>,
+    /// Skip the memory workload.
+    #[arg(long)]
+    no_memory: bool,
+    /// Stream counts of the scaling workload (at `--keys` keys).
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2, 4])]
+    scale_streams: Vec<usize>,
+    /// Key counts of the scaling workload (at `--streams` streams).
+    #[arg(long, value_delimiter = ',', default_values_t = [10_000u64, 100_000, 1_000_000])]
+    scale_keys: Vec<u64>,
+    /// Length of each scaling run.
+    #[arg(long, default_value_t = 5)]
+    scale_seconds: u64,
+    /// Skip the scaling workload.
+    #[arg(long)]
+    no_scaling: bool,
     /// Skip the Redis side.
     #[arg(long)]
     no_redis: bool,
     /// Runs; the table shows the median of each figure with min–max.
     #[arg(long, default_value_t = 1)]
     runs: usize,
+}
+
+impl Args {
+    fn extra(&self) -> ExtraArgs {
+        ExtraArgs {
+            ingest: self.ingest_args.clone(),
+            aggregator: self.aggregator_args.clone(),
+            query: self.query_args.clone(),
+        }
+    }
+}
+
+/// Memory figures of one key count: hitcounter, then Redis per layout, bytes per counter.
+struct MemoryFigures {
+    keys: u64,
+    hitcounter: f64,
+    redis: Vec<(Layout, f64)>,
 }
 
 /// The figures of one run.
@@ -94,6 +145,10 @@ struct Run {
     redis_query: Option<[f64; 3]>,
     hc_visibility: Option<[f64; 2]>,
     hc_drain: Option<f64>,
+    /// Per `--memory-keys`: bytes per counter.
+    memory: Vec<MemoryFigures>,
+    /// Per scaling point (streams, keys): hitcounter and Redis hits/s.
+    scaling: Vec<((usize, u64), f64, Option<f64>)>,
 }
 
 async fn run_once(args: &Args) -> anyhow::Result<Run> {
@@ -101,7 +156,7 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
     let bench = Arc::new(Keys::new("bench", args.keys, args.zipf)?);
     let background = Arc::new(Keys::new("background", args.keys, args.zipf)?);
     let duration = Duration::from_secs(args.seconds);
-    let mut stack = Stack::start(&args.bin_dir, &args.ingest_args).await?;
+    let mut stack = Stack::start(&args.bin_dir, &args.extra()).await?;
     let server = if args.no_redis {
         None
     } else {
@@ -138,7 +193,6 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
             redis::query_latency(server, &background, args.query_load, args.qps, duration).await?;
         run.redis_query = Some(quantiles(&h));
     }
-    drop(server);
 
     // 3. Visibility.
     if args.samples > 0 {
@@ -147,7 +201,58 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
         run.hc_visibility = Some([ms(&v.latency, 0.5), ms(&v.latency, 0.99)]);
     }
 
-    // 4. Drain.
+    // 5. Scaling (issue 5's numbering): the point of workload 1 is reused, the others run for `--scale-seconds`.
+    if !args.no_scaling {
+        let best = run
+            .redis_ingest
+            .iter()
+            .copied()
+            .max_by(|a, b| a.1.total_cmp(&b.1));
+        let mut points: Vec<(usize, u64)> =
+            args.scale_streams.iter().map(|&s| (s, args.keys)).collect();
+        points.extend(args.scale_keys.iter().map(|&k| (args.streams, k)));
+        points.dedup();
+        let mut seen = Vec::new();
+        for (streams, keys) in points {
+            if seen.contains(&(streams, keys)) {
+                continue;
+            }
+            seen.push((streams, keys));
+            if (streams, keys) == (args.streams, args.keys) {
+                run.scaling
+                    .push(((streams, keys), run.hc_ingest, best.map(|(_, v)| v)));
+                continue;
+            }
+            println!("  scaling point: {streams} streams, {keys} keys");
+            let set = Arc::new(Keys::new(
+                &format!("scale-{streams}-{keys}"),
+                keys,
+                args.zipf,
+            )?);
+            let seconds = Duration::from_secs(args.scale_seconds);
+            let t = workloads::throughput(&mut stack, &set, streams, args.batch, seconds).await?;
+            let r = match (&server, best) {
+                (Some(server), Some((layout, _))) => Some(
+                    redis::throughput(
+                        server,
+                        layout,
+                        &set,
+                        streams,
+                        args.redis_inflight,
+                        args.batch,
+                        seconds,
+                    )
+                    .await?
+                    .hits_per_second,
+                ),
+                _ => None,
+            };
+            run.scaling.push(((streams, keys), t.hits_per_second, r));
+        }
+    }
+    drop(server);
+
+    // Drain (hitcounter only).
     if args.drain_hits > 0 {
         let drain = Arc::new(Keys::new("drain", args.keys, args.zipf)?);
         run.hc_drain = Some(
@@ -160,6 +265,26 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
             )
             .await?,
         );
+    }
+    drop(stack);
+
+    // 4. Memory, last, each figure from a fresh server.
+    if !args.no_memory {
+        for &keys in &args.memory_keys {
+            let hc = memory::hitcounter(&args.bin_dir, &args.extra(), keys).await?;
+            let mut peers = Vec::new();
+            if !args.no_redis {
+                for layout in [Layout::HashCombined, Layout::StringCombined] {
+                    let m = memory::redis(&args.redis_server, layout, keys).await?;
+                    peers.push((layout, m.bytes_per_counter));
+                }
+            }
+            run.memory.push(MemoryFigures {
+                keys,
+                hitcounter: hc.bytes_per_counter,
+                redis: peers,
+            });
+        }
     }
     Ok(run)
 }
@@ -273,8 +398,8 @@ async fn main() -> anyhow::Result<()> {
         println!("redis: {v}, started with --save '' --appendonly no (no persistence)");
     }
     println!(
-        "workload: {} streams/connections x {} hits per batch/pipeline, {} keys Zipf({}), {} s per phase; ingest args {:?}",
-        args.streams, args.batch, args.keys, args.zipf, args.seconds, args.ingest_args
+        "workload: {} streams/connections x {} hits per batch/pipeline, {} keys Zipf({}), {} s per phase; extra args {:?}",
+        args.streams, args.batch, args.keys, args.zipf, args.seconds, args.extra()
     );
     let mut runs = Vec::with_capacity(args.runs);
     for n in 0..args.runs {
@@ -346,6 +471,46 @@ async fn main() -> anyhow::Result<()> {
             precision: 2,
             goal,
         });
+    }
+    if let Some(first) = runs.first() {
+        for (i, figures) in first.memory.iter().enumerate() {
+            let keys = figures.keys;
+            let hc = collect(&|r| r.memory.get(i).map(|m| m.hitcounter));
+            for (j, (layout, _)) in figures.redis.iter().enumerate() {
+                rows.push(Row {
+                    workload: format!(
+                        "memory bytes/counter, {keys} keys x 10 hits/300 s, vs Redis {}",
+                        layout.structure()
+                    ),
+                    hc: hc.clone(),
+                    redis: collect(&|r| r.memory.get(i).and_then(|m| m.redis.get(j)).map(|p| p.1)),
+                    precision: 1,
+                    goal: "",
+                });
+            }
+            rows.push(Row {
+                workload: format!("memory bytes/counter, {keys} keys, vs Redis smallest"),
+                hc,
+                redis: collect(&|r| {
+                    r.memory
+                        .get(i)
+                        .and_then(|m| m.redis.iter().map(|p| p.1).reduce(f64::min))
+                }),
+                precision: 1,
+                goal: "<= 0.50",
+            });
+        }
+        for (i, ((streams, keys), _, _)) in first.scaling.iter().enumerate() {
+            rows.push(Row {
+                workload: format!(
+                    "scaling Mhits/s, {streams} streams, {keys} keys, vs Redis best layout"
+                ),
+                hc: collect(&|r| r.scaling.get(i).map(|p| p.1 / 1e6)),
+                redis: collect(&|r| r.scaling.get(i).and_then(|p| p.2).map(|v| v / 1e6)),
+                precision: 3,
+                goal: "",
+            });
+        }
     }
     rows.push(Row {
         workload: "drain of a backlog, Mhits/s (hitcounter only)".to_string(),

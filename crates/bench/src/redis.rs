@@ -122,6 +122,11 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A new TCP connection (requests on one connection are pipelined).
     pub(crate) async fn connection(&self) -> anyhow::Result<MultiplexedConnection> {
         Ok(self.client.get_multiplexed_async_connection().await?)
@@ -186,8 +191,53 @@ impl Layout {
         let _ = write!(out, "{}{name}:{bucket}", self.prefix());
     }
 
+    /// The data structure, for the memory table (both drives of a layout store the same).
+    pub(crate) fn structure(self) -> &'static str {
+        if self.is_hash() {
+            "hash per key per minute"
+        } else {
+            "string per key per second"
+        }
+    }
+
+    /// How many Redis keys hold a key's counters of `seconds`.
+    pub(crate) fn redis_keys_for(self, seconds: impl Iterator<Item = u64>) -> u64 {
+        let mut buckets: Vec<u64> = seconds
+            .map(|s| if self.is_hash() { s / 60 } else { s })
+            .collect();
+        buckets.dedup();
+        buckets.len() as u64
+    }
+
+    /// Reads `name`'s count of `second`.
+    pub(crate) async fn read(
+        self,
+        connection: &mut MultiplexedConnection,
+        name: &str,
+        second: u64,
+    ) -> anyhow::Result<u64> {
+        let mut k = String::with_capacity(64);
+        self.key(&mut k, name, second);
+        let count: Option<u64> = if self.is_hash() {
+            redis::cmd("HGET")
+                .arg(&k)
+                .arg(second % 60)
+                .query_async(connection)
+                .await?
+        } else {
+            redis::cmd("GET").arg(&k).query_async(connection).await?
+        };
+        Ok(count.unwrap_or(0))
+    }
+
     /// Appends the commands recording `hits` (key index, count) at `second` to `pipe`.
-    fn write(self, pipe: &mut redis::Pipeline, keys: &Keys, hits: &[(u32, u64)], second: u64) {
+    pub(crate) fn write(
+        self,
+        pipe: &mut redis::Pipeline,
+        keys: &Keys,
+        hits: &[(u32, u64)],
+        second: u64,
+    ) {
         let mut k = String::with_capacity(64);
         for &(i, n) in hits {
             self.key(&mut k, keys.name(i), second);
@@ -219,7 +269,7 @@ fn batch_pipeline(
     counts: &mut [u64],
 ) -> redis::Pipeline {
     let mut rng = rand::rng();
-    let chosen: Vec<u32> = (0..batch).map(|_| keys.sample(&mut rng)).collect();
+    let chosen = keys.sample_batch(&mut rng, batch);
     for &i in &chosen {
         counts[i as usize] += 1;
     }

@@ -68,6 +68,14 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
+/// Extra command-line arguments for each service (after the ones the bench sets).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ExtraArgs {
+    pub(crate) ingest: Vec<String>,
+    pub(crate) aggregator: Vec<String>,
+    pub(crate) query: Vec<String>,
+}
+
 /// The three services with fresh data directories, and clients of ingest and query.
 pub(crate) struct Stack {
     bin_dir: PathBuf,
@@ -77,6 +85,8 @@ pub(crate) struct Stack {
     _ingest: Service,
     aggregator: Option<Service>,
     _data: tempfile::TempDir,
+    /// The aggregator's `/metrics` address.
+    pub(crate) aggregator_metrics: SocketAddr,
     /// A client of ingest.
     pub(crate) ingest: IngestClient<Channel>,
     /// A client of query.
@@ -84,23 +94,22 @@ pub(crate) struct Stack {
 }
 
 impl Stack {
-    /// Starts the release binaries in `bin_dir`; `extra_ingest_args` go to ingest.
-    pub(crate) async fn start(
-        bin_dir: &Path,
-        extra_ingest_args: &[String],
-    ) -> anyhow::Result<Self> {
+    /// Starts the release binaries in `bin_dir` with `extra` arguments.
+    pub(crate) async fn start(bin_dir: &Path, extra: &ExtraArgs) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         let (a, i, q) = (free_port()?, free_port()?, free_port()?);
         let upstream = format!("http://{a}");
         let dir = |name: &str| data.path().join(name).display().to_string();
-        let aggregator_args = strings(&[
+        let aggregator_metrics = free_port()?;
+        let mut aggregator_args = strings(&[
             "--listen",
             &a.to_string(),
             "--metrics-listen",
-            "off",
+            &aggregator_metrics.to_string(),
             "--data-dir",
             &dir("aggregator"),
         ]);
+        aggregator_args.extend(extra.aggregator.iter().cloned());
         let mut ingest_args = strings(&[
             "--listen",
             &i.to_string(),
@@ -111,8 +120,8 @@ impl Stack {
             "--aggregator",
             &upstream,
         ]);
-        ingest_args.extend(extra_ingest_args.iter().cloned());
-        let query_args = strings(&[
+        ingest_args.extend(extra.ingest.iter().cloned());
+        let mut query_args = strings(&[
             "--listen",
             &q.to_string(),
             "--metrics-listen",
@@ -120,6 +129,7 @@ impl Stack {
             "--aggregator",
             &upstream,
         ]);
+        query_args.extend(extra.query.iter().cloned());
         let aggregator = start(bin_dir, "hitcounter-aggregator", &aggregator_args)?;
         let ingest_service = start(bin_dir, "hitcounter-ingest", &ingest_args)?;
         let query_service = start(bin_dir, "hitcounter-query", &query_args)?;
@@ -130,9 +140,31 @@ impl Stack {
             _ingest: ingest_service,
             aggregator: Some(aggregator),
             _data: data,
+            aggregator_metrics,
             ingest: IngestClient::new(channel(i).await?),
             query: QueryClient::new(channel(q).await?),
         })
+    }
+
+    /// The aggregator's process id, while it runs.
+    pub(crate) fn aggregator_pid(&self) -> Option<u32> {
+        self.aggregator.as_ref().map(|a| a.0.id())
+    }
+
+    /// The sum of the aggregator's samples of metric `name` (all label sets).
+    pub(crate) async fn aggregator_metric(&self, name: &str) -> anyhow::Result<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut connection = tokio::net::TcpStream::connect(self.aggregator_metrics).await?;
+        connection
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        connection.read_to_string(&mut text).await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
     }
 
     /// `kill -9` of the aggregator.

@@ -61,10 +61,7 @@ pub(crate) async fn drive(
         let pace = (rate > 0).then(|| Duration::from_secs_f64(batch as f64 / rate as f64));
         let mut next = tokio::time::Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            let chosen: Vec<u32> = {
-                let mut rng = rand::rng();
-                (0..batch).map(|_| producer_keys.sample(&mut rng)).collect()
-            };
+            let chosen = producer_keys.sample_batch(&mut rand::rng(), batch);
             let hits = chosen
                 .iter()
                 .map(|&i| Hit {
@@ -132,7 +129,7 @@ async fn counts(query: &mut QueryClient<Channel>, keys: &Keys) -> anyhow::Result
 
 /// Polls until the keys hold `expected` hits in all; fails if they hold more, or if it takes
 /// longer than `within`. With `per_key`, then also checks every key's count.
-async fn until_visible(
+pub(crate) async fn until_visible(
     query: &mut QueryClient<Channel>,
     keys: &Keys,
     expected: u64,
@@ -261,38 +258,50 @@ pub(crate) async fn throughput(
 /// Sends one request per `1/qps` for `duration`, each from its own task so a slow answer does
 /// not delay the next send, and records each latency from its *intended* send time (so stalls
 /// are not hidden: corrected for coordinated omission). Fails if any request failed.
+///
+/// The pacing runs on its own thread with `std::thread::sleep` (which wakes within about
+/// 0.1 ms here) rather than on a tokio timer, whose millisecond granularity would add up to
+/// 1 ms to every latency, on both peers, and hide the difference between them.
 pub(crate) async fn open_loop<F, Fut>(
     qps: u64,
     duration: Duration,
     mut request: F,
 ) -> anyhow::Result<Histogram<u64>>
 where
-    F: FnMut() -> Fut,
+    F: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     anyhow::ensure!(qps > 0, "the query rate must be positive");
     let latency = Arc::new(Mutex::new(histogram()?));
     let failures = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_secs_f64(1.0 / qps as f64);
-    let start = tokio::time::Instant::now();
     let count = (duration.as_secs_f64() * qps as f64) as u32;
-    let mut tasks = Vec::with_capacity(count as usize);
-    for n in 0..count {
-        let intended = start + interval * n;
-        tokio::time::sleep_until(intended).await;
-        let future = request();
-        let latency = Arc::clone(&latency);
-        let failures = Arc::clone(&failures);
-        tasks.push(tokio::spawn(async move {
-            if future.await.is_err() {
-                failures.fetch_add(1, Ordering::Relaxed);
+    let runtime = tokio::runtime::Handle::current();
+    let (recorded, failed) = (Arc::clone(&latency), Arc::clone(&failures));
+    let tasks = tokio::task::spawn_blocking(move || {
+        let start = Instant::now();
+        let mut tasks = Vec::with_capacity(count as usize);
+        for n in 0..count {
+            let intended = start + interval * n;
+            if let Some(wait) = intended.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
             }
-            let took = intended.elapsed().as_micros().max(1) as u64;
-            if let Ok(mut h) = latency.lock() {
-                let _ = h.record(took);
-            }
-        }));
-    }
+            let future = request();
+            let latency = Arc::clone(&recorded);
+            let failures = Arc::clone(&failed);
+            tasks.push(runtime.spawn(async move {
+                if future.await.is_err() {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+                let took = intended.elapsed().as_micros().max(1) as u64;
+                if let Ok(mut h) = latency.lock() {
+                    let _ = h.record(took);
+                }
+            }));
+        }
+        tasks
+    })
+    .await?;
     for task in tasks {
         task.await?;
     }

@@ -6,6 +6,7 @@ use hitcounter_telemetry::{logging, shutdown, Listeners};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    hitcounter_allocator::init();
     let config = Config::parse();
     logging::init(config.service.log_format);
     let listeners = Listeners::bind(

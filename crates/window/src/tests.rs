@@ -1,5 +1,8 @@
 //! Property tests: random sequences of adds and evictions against a plain
-//! reference model, a `BTreeMap<(key, second), count>`.
+//! reference model, a `BTreeMap<(key, second), count>`. Counts straddle the
+//! `u32` boundary, so entries switch between narrow and wide counters; keys
+//! of all lengths exercise the entry header; and every check also reads the
+//! store back through `iter` and `image`.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -142,13 +145,15 @@ fn second() -> impl Strategy<Value = i64> {
     ]
 }
 
-/// Mostly small counts; sometimes huge ones, to exercise saturation.
+/// Mostly small counts; sometimes huge ones, to exercise saturation, and
+/// ones around `u32::MAX`, where an entry turns wide.
 fn count() -> impl Strategy<Value = u64> {
     prop_oneof![
         10 => 0u64..5,
         1 => Just(u64::MAX),
         1 => (u64::MAX / 2)..u64::MAX,
         1 => (1u64 << 32)..(1u64 << 33),
+        1 => (u64::from(u32::MAX) - 3)..=(u64::from(u32::MAX) + 1),
     ]
 }
 
@@ -200,11 +205,50 @@ fn max_keys() -> impl Strategy<Value = usize> {
     prop_oneof![0usize..8, Just(usize::MAX)]
 }
 
+/// Everything `iter` yields, sorted by key: `(key, [(second, count)])`.
+fn contents<'a, C>(items: impl Iterator<Item = (&'a str, C)>) -> Vec<(String, Vec<(i64, u64)>)>
+where
+    C: Iterator<Item = (i64, u64)>,
+{
+    let mut all: Vec<(String, Vec<(i64, u64)>)> = items
+        .map(|(key, counters)| (key.to_owned(), counters.collect()))
+        .collect();
+    all.sort();
+    all
+}
+
+/// The model's contents in the shape of [`contents`].
+fn model_contents(model: &Model) -> Vec<(String, Vec<(i64, u64)>)> {
+    let mut all: Vec<(String, Vec<(i64, u64)>)> = Vec::new();
+    for ((key, second), count) in &model.counts {
+        match all.last_mut() {
+            Some((last, counters)) if last == key => counters.push((*second, *count)),
+            _ => all.push((key.clone(), vec![(*second, *count)])),
+        }
+    }
+    all
+}
+
+/// Checks that `iter` and a fresh `image` both yield exactly the model.
+fn check_contents(store: &WindowStore, model: &Model) {
+    let expected = model_contents(model);
+    assert_eq!(contents(store.iter()), expected, "iter");
+    let image = store.image();
+    assert_eq!(image.key_count(), store.key_count(), "image key_count");
+    assert_eq!(
+        image.counter_count(),
+        store.counter_count(),
+        "image counter_count"
+    );
+    assert_eq!(contents(image.iter()), expected, "image");
+}
+
 /// Compares every observable of `store` with `model`.
 fn check(store: &WindowStore, model: &Model, queries: &[Query], keys: &[String]) {
     store.check_invariants();
     assert_eq!(store.key_count(), model.keys().len(), "key_count");
     assert_eq!(store.counter_count(), model.counts.len(), "counter_count");
+    check_contents(store, model);
     for query in queries {
         match query {
             Query::Count { end, window } => {
@@ -317,6 +361,50 @@ proptest! {
                 prop_assert_eq!(store.series(key, 0, 1, 60), first.series(key, 0, 1, 60));
             }
             prop_assert_eq!(store.top(59, 60, 100, ""), first.top(59, 60, 100, ""));
+        }
+    }
+}
+
+/// Keys of every header size: empty, short, around the 63-byte boundary where
+/// the length leaves the tag, around 63 + 128 where its varint takes a second
+/// byte, and multi-byte UTF-8.
+fn long_key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-c]{0,4}",
+        "[a-c]{60,66}",
+        "[a-c]{188,194}",
+        "[a-cé✓]{1,80}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Keys of any length, long runs of seconds in any order and evictions:
+    /// entries grow, shrink, keep spare slots and turn wide and narrow again,
+    /// and the store still reads back exactly as the model.
+    #[test]
+    fn any_keys_and_long_series_match_model(
+        keys in prop::collection::vec(long_key(), 1..6),
+        hits in prop::collection::vec((0usize..6, 0i64..400, count()), 0..300),
+        evictions in prop::collection::vec((0usize..300, 0i64..420), 0..4),
+    ) {
+        let mut store = WindowStore::default();
+        let mut model = Model { max_keys: usize::MAX, ..Model::default() };
+        for (i, (key, second, count)) in hits.iter().enumerate() {
+            let key = &keys[key % keys.len()];
+            prop_assert_eq!(store.add(key, *second, *count), model.add(key, *second, *count));
+            for (at, min_second) in &evictions {
+                if *at == i {
+                    prop_assert_eq!(store.evict_before(*min_second), model.evict_before(*min_second));
+                }
+            }
+        }
+        store.check_invariants();
+        check_contents(&store, &model);
+        for key in &keys {
+            prop_assert_eq!(store.count(key, 500, 600), model.count(key, 500, 600));
+            prop_assert_eq!(store.series(key, -5, 37, 12), model.series(key, -5, 37, 12));
         }
     }
 }

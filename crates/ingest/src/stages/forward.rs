@@ -23,18 +23,17 @@
 use std::{sync::Arc, time::Duration};
 
 use futures::{stream::FuturesUnordered, StreamExt};
-use hitcounter_proto::{
-    aggregator::v1::{ApplyRequest, ApplyResponse},
-    ingest::v1::LoggedFlush,
-};
+use hitcounter_proto::aggregator::v1::ApplyResponse;
 use hitcounter_stack::{ClientStack, StackError};
 use hitcounter_telemetry::CancellationToken;
 use hitcounter_wal::LogReader;
-use prost::Message;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use super::log::{lock, SharedLogs};
+use super::{
+    encoded::EncodedBatch,
+    log::{lock, SharedLogs},
+};
 use crate::error::IngestError;
 
 /// Longest pause between two delivery attempts of one batch.
@@ -48,7 +47,7 @@ const READ_CHUNK: usize = 64;
 pub(crate) struct Forwarder {
     pub(crate) shard: usize,
     pub(crate) producer_id: u64,
-    pub(crate) stack: ClientStack<Arc<ApplyRequest>, ApplyResponse>,
+    pub(crate) stack: ClientStack<EncodedBatch, ApplyResponse>,
     pub(crate) concurrency: usize,
     pub(crate) logs: SharedLogs,
     /// The last seq of the ingest log that is on disk.
@@ -145,19 +144,8 @@ impl Forwarder {
                 if !sending.insert(seq) {
                     continue;
                 }
-                let flush = LoggedFlush::decode(payload.as_slice())
+                let batch = EncodedBatch::from_record(&payload, self.shard, self.producer_id, seq)
                     .map_err(|e| IngestError::Log(format!("log record {seq}: {e}")))?;
-                let deltas = flush
-                    .shards
-                    .into_iter()
-                    .nth(self.shard)
-                    .map(|part| part.deltas)
-                    .unwrap_or_default();
-                let batch = Arc::new(ApplyRequest {
-                    producer_id: self.producer_id,
-                    seq,
-                    deltas,
-                });
                 in_flight.push(self.deliver(batch));
             }
             in_flight_gauge.set(in_flight.len() as f64);
@@ -210,11 +198,7 @@ impl Forwarder {
                     }
                 }
                 _ = probe.tick(), if in_flight.is_empty() && durable + 1 < next => {
-                    in_flight.push(self.deliver(Arc::new(ApplyRequest {
-                        producer_id: self.producer_id,
-                        seq: 0,
-                        deltas: Vec::new(),
-                    })));
+                    in_flight.push(self.deliver(EncodedBatch::probe(self.producer_id)));
                 }
                 _ = self.abandon.cancelled() => break,
             }
@@ -231,14 +215,14 @@ impl Forwarder {
     }
 
     /// Delivers one batch, retrying until it is acknowledged; `None` if abandoned.
-    async fn deliver(&self, batch: Arc<ApplyRequest>) -> Option<ApplyResponse> {
-        let hits: u64 = batch.deltas.iter().map(|d| d.count).sum();
+    async fn deliver(&self, batch: EncodedBatch) -> Option<ApplyResponse> {
+        let hits = batch.hits;
         let shard = self.shard.to_string();
         let mut backoff = Duration::from_millis(10);
         let mut attempt = 0u64;
         loop {
             attempt += 1;
-            match self.stack.clone().oneshot(Arc::clone(&batch)).await {
+            match self.stack.clone().oneshot(batch.clone()).await {
                 Ok(ack) => {
                     metrics::counter!("hitcounter_ingest_forwarded_hits_total", "shard" => shard)
                         .increment(if ack.duplicate { 0 } else { hits });

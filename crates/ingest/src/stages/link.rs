@@ -6,6 +6,10 @@
 //! stream breaks, every batch waiting for an ack fails with `UNAVAILABLE` and the next call opens
 //! a new stream; the client stack around this service retries, and the aggregator applies a
 //! resent (producer, seq) only once.
+//!
+//! Batches travel pre-encoded ([`EncodedBatch`], see `encoded.rs`): the stream is opened with
+//! tonic's generic client and [`ApplyCodec`] instead of the generated stub, whose codec would
+//! want an `ApplyRequest` message (and a deep copy of it per attempt).
 
 use std::{
     collections::HashMap,
@@ -18,26 +22,32 @@ use std::{
     task::{Context, Poll},
 };
 
+use bytes::Bytes;
 use hitcounter_pipeline::StageSender;
-use hitcounter_proto::aggregator::v1::{
-    aggregator_client::AggregatorClient, ApplyRequest, ApplyResponse,
-};
+use hitcounter_proto::aggregator::v1::ApplyResponse;
 use tokio::sync::oneshot;
-use tonic::{transport::Channel, Status, Streaming};
+use tonic::{
+    client::Grpc, codegen::http::uri::PathAndQuery, transport::Channel, Status, Streaming,
+};
+
+use super::encoded::{ApplyCodec, EncodedBatch};
+
+/// The method the stream calls.
+const APPLY_PATH: &str = "/hitcounter.aggregator.v1.Aggregator/Apply";
 
 type AckSender = oneshot::Sender<Result<ApplyResponse, Status>>;
 
 /// Sends batches on the shard's current `Apply` stream, opening one when needed.
 #[derive(Clone)]
 pub(crate) struct ApplyLink {
-    client: AggregatorClient<Channel>,
+    client: Grpc<Channel>,
     session: Arc<tokio::sync::Mutex<Option<Arc<Session>>>>,
     capacity: usize,
 }
 
 /// One open `Apply` stream.
 struct Session {
-    requests: StageSender<ApplyRequest>,
+    requests: StageSender<Bytes>,
     pending: Mutex<HashMap<u64, AckSender>>,
     closed: AtomicBool,
 }
@@ -74,7 +84,7 @@ impl ApplyLink {
     /// A link over `channel`; `capacity` batches may be queued on the stream.
     pub(crate) fn new(channel: Channel, max_message_bytes: usize, capacity: usize) -> Self {
         Self {
-            client: AggregatorClient::new(channel)
+            client: Grpc::new(channel)
                 .max_encoding_message_size(max_message_bytes)
                 .max_decoding_message_size(max_message_bytes),
             session: Arc::new(tokio::sync::Mutex::new(None)),
@@ -92,7 +102,18 @@ impl ApplyLink {
         let (requests, outbound) =
             hitcounter_pipeline::channel("ingest_apply_stream", self.capacity);
         let mut client = self.client.clone();
-        let acks = client.apply(outbound.into_stream()).await?.into_inner();
+        client
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(format!("aggregator not ready: {e}")))?;
+        let acks = client
+            .streaming(
+                tonic::Request::new(outbound.into_stream()),
+                PathAndQuery::from_static(APPLY_PATH),
+                ApplyCodec,
+            )
+            .await?
+            .into_inner();
         let session = Arc::new(Session {
             requests,
             pending: Mutex::new(HashMap::new()),
@@ -111,7 +132,7 @@ impl ApplyLink {
         }
     }
 
-    async fn send(self, batch: Arc<ApplyRequest>) -> Result<ApplyResponse, Status> {
+    async fn send(self, batch: EncodedBatch) -> Result<ApplyResponse, Status> {
         let session = self.session().await?;
         let (ack_tx, ack_rx) = oneshot::channel();
         let seq = batch.seq;
@@ -120,13 +141,8 @@ impl ApplyLink {
             session: &session,
             seq,
         };
-        // Cloning is needed because a retry may resend the same batch; the stack owns the Arc.
-        if session
-            .requests
-            .send(ApplyRequest::clone(&batch))
-            .await
-            .is_err()
-        {
+        // The bytes are shared (reference counted) with the retry layer's copy.
+        if session.requests.send(batch.bytes).await.is_err() {
             return Err(Status::unavailable("apply stream closed"));
         }
         match ack_rx.await {
@@ -152,7 +168,7 @@ async fn read_acks(session: Arc<Session>, mut acks: Streaming<ApplyResponse>) {
     session.close(&why);
 }
 
-impl tower::Service<Arc<ApplyRequest>> for ApplyLink {
+impl tower::Service<EncodedBatch> for ApplyLink {
     type Response = ApplyResponse;
     type Error = Status;
     type Future = Pin<Box<dyn Future<Output = Result<ApplyResponse, Status>> + Send>>;
@@ -162,7 +178,7 @@ impl tower::Service<Arc<ApplyRequest>> for ApplyLink {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, batch: Arc<ApplyRequest>) -> Self::Future {
+    fn call(&mut self, batch: EncodedBatch) -> Self::Future {
         Box::pin(self.clone().send(batch))
     }
 }

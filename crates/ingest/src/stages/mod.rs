@@ -10,6 +10,7 @@
 //! Validation and the batch-id ledger run before stage 1, in the gRPC handlers.
 
 pub(crate) mod combine;
+pub(crate) mod encoded;
 pub(crate) mod forward;
 pub(crate) mod link;
 pub(crate) mod log;
