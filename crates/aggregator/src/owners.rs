@@ -11,7 +11,8 @@
 //! deltas (one ingest flush) and takes milliseconds to apply; a `GetHits` queued behind it
 //! would wait that long. So the owner prefers its read mailbox, and inside a long apply it
 //! answers the reads that arrived every [`APPLY_CHUNK`] deltas and yields to the runtime (so
-//! the gRPC tasks that carry the answers get a worker). A read may therefore see part of a
+//! the gRPC tasks that carry the answers get a worker). Copying the store for a checkpoint is
+//! done the same way, [`IMAGE_CHUNK_KEYS`] keys at a time. A read may therefore see part of a
 //! batch that is being applied, as it may see a batch applied by one owner and not yet by
 //! another: reads are never older than the last completed apply.
 //!
@@ -35,6 +36,9 @@ use crate::error::AggregatorError;
 /// Deltas applied between two looks at the read mailbox. About 100 µs of work with a store of
 /// a million keys: short enough to keep reads fast, long enough that the look costs nothing.
 const APPLY_CHUNK: usize = 1024;
+
+/// Keys copied into a checkpoint image between two looks at the read mailbox (about 0.5 ms).
+const IMAGE_CHUNK_KEYS: usize = 4096;
 
 /// A change to one owner's store, or a copy of it; in the order sent.
 enum Write {
@@ -360,7 +364,16 @@ async fn run_owner(
                     let _ = done.send(dropped);
                 }
                 Some(Write::Snapshot { reply }) => {
-                    let _ = reply.send(store.image());
+                    // A big store takes a while to copy: answer reads in between (they only
+                    // read, and nothing writes while the copy is made).
+                    let mut image = store.image_builder();
+                    while !image.step(IMAGE_CHUNK_KEYS) {
+                        while let Some(read) = reads.try_recv() {
+                            read.answer(&store);
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                    let _ = reply.send(image.finish());
                 }
                 None => writes_open = false,
             },
