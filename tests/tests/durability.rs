@@ -235,7 +235,11 @@ async fn a_caller_that_gives_up_does_not_release_its_batch_id() -> anyhow::Resul
 async fn a_data_directory_serves_one_process_at_a_time() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let dir = data.path().display().to_string();
+    // `start_*` returns before `serve` has taken the lock: wait until the first one serves, or
+    // the second could take the directory first.
     let aggregator = start_aggregator(&["--data-dir", &dir]).await?;
+    hitcounter_integration_tests::process::serving(aggregator.addr, Duration::from_secs(10))
+        .await?;
     let second_aggregator = start_aggregator(&["--data-dir", &dir]).await?;
     let refused = tokio::time::timeout(Duration::from_secs(10), second_aggregator.task).await??;
     assert!(
@@ -246,6 +250,7 @@ async fn a_data_directory_serves_one_process_at_a_time() -> anyhow::Result<()> {
     );
     let ingest_dir = data.path().join("ingest").display().to_string();
     let ingest = start_ingest(&[aggregator.addr], &["--data-dir", &ingest_dir]).await?;
+    hitcounter_integration_tests::process::serving(ingest.addr, Duration::from_secs(10)).await?;
     let second_ingest = start_ingest(&[aggregator.addr], &["--data-dir", &ingest_dir]).await?;
     let refused = tokio::time::timeout(Duration::from_secs(10), second_ingest.task).await??;
     assert!(
