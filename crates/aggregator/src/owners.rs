@@ -368,10 +368,7 @@ async fn run_owner(
                     // read, and nothing writes while the copy is made).
                     let mut image = store.image_builder();
                     while !image.step(IMAGE_CHUNK_KEYS) {
-                        while let Some(read) = reads.try_recv() {
-                            read.answer(&store);
-                        }
-                        tokio::task::yield_now().await;
+                        let_reads_in(&store, &reads).await;
                     }
                     let _ = reply.send(image.finish());
                 }
@@ -395,16 +392,22 @@ async fn run_owner(
     Ok(())
 }
 
+/// A pause inside a long write or copy: answers the reads waiting in the mailbox, then yields
+/// to the runtime so the gRPC tasks that carry the answers get a worker.
+async fn let_reads_in(store: &WindowStore, reads: &StageReceiver<Read>) {
+    while let Some(read) = reads.try_recv() {
+        read.answer(store);
+    }
+    tokio::task::yield_now().await;
+}
+
 /// Applies `deltas` to `store`, answering waiting reads every [`APPLY_CHUNK`] deltas; returns
 /// how many were dropped (key limit, or a second out of range).
 async fn apply(store: &mut WindowStore, deltas: Vec<Delta>, reads: &StageReceiver<Read>) -> u64 {
     let mut dropped = 0u64;
     for (n, delta) in deltas.into_iter().enumerate() {
         if n > 0 && n % APPLY_CHUNK == 0 {
-            while let Some(read) = reads.try_recv() {
-                read.answer(store);
-            }
-            tokio::task::yield_now().await;
+            let_reads_in(store, reads).await;
         }
         match store.add(&delta.key, delta.second, delta.count) {
             Ok(()) => {}

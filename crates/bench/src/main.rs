@@ -211,7 +211,6 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
         let mut points: Vec<(usize, u64)> =
             args.scale_streams.iter().map(|&s| (s, args.keys)).collect();
         points.extend(args.scale_keys.iter().map(|&k| (args.streams, k)));
-        points.dedup();
         let mut seen = Vec::new();
         for (streams, keys) in points {
             if seen.contains(&(streams, keys)) {

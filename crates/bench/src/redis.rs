@@ -26,7 +26,7 @@ use redis::aio::MultiplexedConnection;
 use crate::{
     keys::Keys,
     stack::free_port,
-    workloads::{histogram, ms, open_loop},
+    workloads::{histogram, ms, open_loop, print_query_latency},
 };
 
 /// Seconds a counter is kept after its second (or minute) ended: the last hour, like hitcounter.
@@ -468,13 +468,6 @@ pub(crate) async fn query_latency(
     stop.store(true, Ordering::Relaxed);
     background.await??;
     let h = result?;
-    println!(
-        "  redis HMGET window(300 s) at {qps} q/s while ingesting {rate} hits/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms ({} queries, from intended send time)",
-        ms(&h, 0.5),
-        ms(&h, 0.99),
-        ms(&h, 0.999),
-        h.max() as f64 / 1000.0,
-        h.len()
-    );
+    print_query_latency("redis HMGET window(300 s)", qps, rate, &h);
     Ok(h)
 }

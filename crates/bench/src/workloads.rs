@@ -353,15 +353,20 @@ pub(crate) async fn query_latency(
     stop.store(true, Ordering::Relaxed);
     background.await??;
     let h = result?;
+    print_query_latency("hitcounter GetHits(300 s)", qps, rate, &h);
+    Ok(h)
+}
+
+/// Prints one query-latency result (both peers use it, so their lines read alike).
+pub(crate) fn print_query_latency(what: &str, qps: u64, rate: u64, h: &Histogram<u64>) {
     println!(
-        "  hitcounter GetHits(300 s) at {qps} q/s while ingesting {rate} hits/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms ({} queries, from intended send time)",
-        ms(&h, 0.5),
-        ms(&h, 0.99),
-        ms(&h, 0.999),
+        "  {what} at {qps} q/s while ingesting {rate} hits/s: p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms ({} queries, from intended send time)",
+        ms(h, 0.5),
+        ms(h, 0.99),
+        ms(h, 0.999),
         h.max() as f64 / 1000.0,
         h.len()
     );
-    Ok(h)
 }
 
 /// Result of the visibility workload.
