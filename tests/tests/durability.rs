@@ -4,7 +4,8 @@
 use std::time::Duration;
 
 use hitcounter_integration_tests::{
-    eventually, now_ms, start_aggregator, start_ingest, start_query, LinkMode, LinkProxy, Running,
+    eventually, metric_value, now_ms, scrape, start_aggregator, start_ingest, start_query,
+    LinkMode, LinkProxy, Running,
 };
 use hitcounter_proto::v1::{
     ingest_client::IngestClient, query_client::QueryClient, GetHitsRequest, Hit, RecordHitsRequest,
@@ -260,6 +261,69 @@ async fn a_data_directory_serves_one_process_at_a_time() -> anyhow::Result<()> {
         "{refused:?}"
     );
     for service in [ingest, aggregator] {
+        service.stop().await.map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+/// An idle aggregator does not rewrite its checkpoint every interval; one applied hit makes it
+/// write the next one.
+#[tokio::test]
+async fn an_idle_aggregator_skips_checkpoints_until_something_is_applied() -> anyhow::Result<()> {
+    let aggregator = start_aggregator(&["--checkpoint-interval-ms", "50"]).await?;
+    let ingest = start_ingest(&[aggregator.addr], &[]).await?;
+    let query = start_query(&[aggregator.addr], &[]).await?;
+    let metrics = aggregator.metrics_addr;
+    // (checkpoints written, checkpoints skipped) so far.
+    let tally = || async move {
+        let text = scrape(metrics).await.ok()?;
+        let written = metric_value(
+            &text,
+            "hitcounter_aggregator_checkpoint_duration_seconds_count",
+            &[],
+        )
+        .unwrap_or(0.0);
+        let skipped = metric_value(
+            &text,
+            "hitcounter_aggregator_checkpoints_skipped_total",
+            &[],
+        )
+        .unwrap_or(0.0);
+        Some((written, skipped))
+    };
+    let mut client = ingest_client(&ingest).await?;
+    client.record_hits(batch("/idle", 1, "idle-1")).await?;
+    until_count(&query, "/idle", 1).await?;
+
+    // Once the hit is in a checkpoint, the ticks that follow are skipped...
+    let (written, skipped) = eventually(
+        Duration::from_secs(10),
+        "skipped checkpoints",
+        || async move { tally().await.filter(|&(w, s)| w >= 1.0 && s >= 1.0) },
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(10),
+        "more skipped checkpoints",
+        || async move { tally().await.filter(|&(_, s)| s >= skipped + 5.0) },
+    )
+    .await?;
+    let (idle_written, _) = tally().await.ok_or_else(|| anyhow::anyhow!("no metrics"))?;
+    assert_eq!(
+        idle_written, written,
+        "an idle aggregator rewrote its checkpoint"
+    );
+
+    // ...and a new hit is checkpointed at the next tick.
+    client.record_hits(batch("/idle", 1, "idle-2")).await?;
+    until_count(&query, "/idle", 2).await?;
+    eventually(
+        Duration::from_secs(10),
+        "a checkpoint of the new hit",
+        || async move { tally().await.filter(|&(w, _)| w > written) },
+    )
+    .await?;
+    for service in [ingest, query, aggregator] {
         service.stop().await.map_err(anyhow::Error::msg)?;
     }
     Ok(())

@@ -27,22 +27,49 @@ pub(crate) async fn run(
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
+    let skipped = metrics::counter!("hitcounter_aggregator_checkpoints_skipped_total");
+    let mut written: Option<Vec<(u64, u64)>> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = ticks.tick() => {}
         }
+        // Nothing applied since the last checkpoint: the file on disk already holds this state
+        // (up to evictions, which replay redoes), so an idle aggregator writes nothing.
+        if written.is_some() && written == Some(progress_marks(&applier)) {
+            skipped.increment(1);
+            continue;
+        }
         // A failed checkpoint is logged and retried at the next tick: nothing is trimmed in the
         // meantime, so nothing is lost, only more is replayed after a crash.
-        if let Err(error) = take(&applier, &dir).await {
-            metrics::counter!("hitcounter_aggregator_checkpoint_failures_total").increment(1);
-            tracing::error!(%error, "checkpoint failed");
+        match take(&applier, &dir).await {
+            Ok(marks) => written = Some(marks),
+            Err(error) => {
+                metrics::counter!("hitcounter_aggregator_checkpoint_failures_total").increment(1);
+                tracing::error!(%error, "checkpoint failed");
+            }
         }
     }
-    take(&applier, &dir).await
+    take(&applier, &dir).await.map(drop)
 }
 
-async fn take(applier: &Applier, dir: &std::path::Path) -> Result<(), AggregatorError> {
+/// Every producer's applied-through mark, sorted: equal marks mean nothing was applied between.
+fn progress_marks(applier: &Applier) -> Vec<(u64, u64)> {
+    let mut marks: Vec<(u64, u64)> = applier
+        .applied
+        .snapshot()
+        .iter()
+        .map(|(producer, progress)| (*producer, progress.through))
+        .collect();
+    marks.sort_unstable();
+    marks
+}
+
+/// Writes one checkpoint; returns the progress marks it holds.
+async fn take(
+    applier: &Applier,
+    dir: &std::path::Path,
+) -> Result<Vec<(u64, u64)>, AggregatorError> {
     let started = std::time::Instant::now();
     let (producers, stores) = {
         let _exclusive = applier.gate.write().await;
@@ -51,10 +78,11 @@ async fn take(applier: &Applier, dir: &std::path::Path) -> Result<(), Aggregator
         (producers, stores)
     };
     let paused = started.elapsed();
-    let throughs: Vec<(u64, u64)> = producers
+    let mut throughs: Vec<(u64, u64)> = producers
         .iter()
         .map(|(p, progress)| (*p, progress.through))
         .collect();
+    throughs.sort_unstable();
     let state = checkpoint::State {
         taken_at_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -78,7 +106,7 @@ async fn take(applier: &Applier, dir: &std::path::Path) -> Result<(), Aggregator
         .map_err(|e| AggregatorError::Checkpoint(e.to_string()))?;
     {
         let mut durable = applier.durable.lock().unwrap_or_else(|e| e.into_inner());
-        for (producer, through) in throughs {
+        for &(producer, through) in &throughs {
             durable.insert(producer, through);
         }
     }
@@ -94,7 +122,7 @@ async fn take(applier: &Applier, dir: &std::path::Path) -> Result<(), Aggregator
         pause = paused.as_secs_f64(),
         "checkpoint written"
     );
-    Ok(())
+    Ok(throughs)
 }
 
 /// The checkpoint thread's priority on thread-priority's 0..=99 scale, which it maps to nice

@@ -113,6 +113,11 @@ struct Args {
     /// Skip the Redis side.
     #[arg(long)]
     no_redis: bool,
+    /// Skip the ingest-throughput workload (e.g. to iterate on query latency); the scaling
+    /// workload then measures its `--streams`/`--keys` point itself, and hitcounter only
+    /// (Redis's scaling runs use the best layout found by the ingest workload).
+    #[arg(long)]
+    no_ingest: bool,
     /// Runs; the table shows the median of each figure with min–max.
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -138,8 +143,8 @@ struct MemoryFigures {
 /// The figures of one run.
 #[derive(Default)]
 struct Run {
-    hc_ingest: f64,
-    hc_ack_p99: f64,
+    hc_ingest: Option<f64>,
+    hc_ack_p99: Option<f64>,
     redis_ingest: Vec<(Layout, f64)>,
     hc_query: [f64; 3],
     redis_query: Option<[f64; 3]>,
@@ -164,10 +169,13 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
     };
 
     // 1. Ingest throughput.
-    let t = workloads::throughput(&mut stack, &bench, args.streams, args.batch, duration).await?;
-    run.hc_ingest = t.hits_per_second;
-    run.hc_ack_p99 = ms(&t.ack_latency, 0.99);
-    if let Some(server) = &server {
+    if !args.no_ingest {
+        let t =
+            workloads::throughput(&mut stack, &bench, args.streams, args.batch, duration).await?;
+        run.hc_ingest = Some(t.hits_per_second);
+        run.hc_ack_p99 = Some(ms(&t.ack_latency, 0.99));
+    }
+    if let (Some(server), false) = (&server, args.no_ingest) {
         for layout in Layout::ALL {
             let r = redis::throughput(
                 server,
@@ -217,9 +225,10 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
                 continue;
             }
             seen.push((streams, keys));
-            if (streams, keys) == (args.streams, args.keys) {
+            if let (Some(hc), true) = (run.hc_ingest, (streams, keys) == (args.streams, args.keys))
+            {
                 run.scaling
-                    .push(((streams, keys), run.hc_ingest, best.map(|(_, v)| v)));
+                    .push(((streams, keys), hc, best.map(|(_, v)| v)));
                 continue;
             }
             println!("  scaling point: {streams} streams, {keys} keys");
@@ -412,7 +421,7 @@ async fn main() -> anyhow::Result<()> {
     let collect =
         |f: &dyn Fn(&Run) -> Option<f64>| -> Vec<f64> { runs.iter().filter_map(f).collect() };
     let mut rows = Vec::new();
-    let hc_ingest = collect(&|r| Some(r.hc_ingest / 1e6));
+    let hc_ingest = collect(&|r| r.hc_ingest.map(|v| v / 1e6));
     for (i, layout) in Layout::ALL.iter().enumerate() {
         rows.push(Row {
             workload: format!("ingest Mhits/s vs Redis {}", layout.describe()),
@@ -460,7 +469,7 @@ async fn main() -> anyhow::Result<()> {
             "ack latency p99 ms, {}-hit batch (hitcounter only)",
             args.batch
         ),
-        hc: collect(&|r| Some(r.hc_ack_p99)),
+        hc: collect(&|r| r.hc_ack_p99),
         redis: Vec::new(),
         precision: 2,
         goal: "",

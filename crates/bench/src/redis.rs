@@ -22,6 +22,7 @@ use std::{
 use anyhow::Context;
 use hdrhistogram::Histogram;
 use redis::aio::MultiplexedConnection;
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     keys::Keys,
@@ -423,24 +424,27 @@ pub(crate) async fn query_latency(
     duration: Duration,
 ) -> anyhow::Result<Histogram<u64>> {
     let layout = Layout::HashCombined;
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let mut writer = server.connection().await?;
-    let background = {
+    let background = (rate > 0).then(|| {
         let keys = Arc::clone(keys);
-        let stop = Arc::clone(&stop);
+        let stop = stop.clone();
         tokio::spawn(async move {
             let mut counts = vec![0u64; keys.len()];
-            let pace = Duration::from_secs_f64(1000.0 / rate.max(1) as f64);
+            let pace = Duration::from_secs_f64(1000.0 / rate as f64);
             let mut next = tokio::time::Instant::now();
-            while !stop.load(Ordering::Relaxed) {
+            while !stop.is_cancelled() {
                 let pipe = batch_pipeline(layout, &keys, 1000, now_second(), &mut counts);
                 pipe.query_async::<()>(&mut writer).await?;
                 next += pace;
-                tokio::time::sleep_until(next).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => {}
+                    () = stop.cancelled() => break,
+                }
             }
             anyhow::Ok(())
         })
-    };
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let reader = server.connection().await?;
     let chooser = Arc::clone(keys);
@@ -465,8 +469,10 @@ pub(crate) async fn query_latency(
         }
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    background.await??;
+    stop.cancel();
+    if let Some(background) = background {
+        background.await??;
+    }
     let h = result?;
     print_query_latency("redis HMGET window(300 s)", qps, rate, &h);
     Ok(h)

@@ -5,7 +5,7 @@ use std::{
     collections::VecDeque,
     future::Future,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
@@ -17,6 +17,7 @@ use hitcounter_proto::v1::{
     Hit, RecordHitRequest, RecordHitsRequest,
 };
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::{keys::Keys, stack::Stack};
@@ -38,13 +39,14 @@ pub(crate) struct Driven {
 }
 
 /// Sends batches on one `StreamHits` stream until `stop`; adds acknowledged hits to `acked`.
-/// With `rate` > 0 the stream is paced to `rate` hits/s.
+/// With `rate` > 0 the stream is paced to `rate` hits/s (a pause between batches ends early
+/// when `stop` is cancelled); with `rate` = 0 it sends as fast as acknowledgements allow.
 pub(crate) async fn drive(
     mut ingest: IngestClient<Channel>,
     keys: Arc<Keys>,
     batch: usize,
     rate: u64,
-    stop: Arc<AtomicBool>,
+    stop: CancellationToken,
     acked: Arc<AtomicU64>,
 ) -> anyhow::Result<Driven> {
     let mut latency = histogram()?;
@@ -60,7 +62,7 @@ pub(crate) async fn drive(
     let producer = tokio::spawn(async move {
         let pace = (rate > 0).then(|| Duration::from_secs_f64(batch as f64 / rate as f64));
         let mut next = tokio::time::Instant::now();
-        while !stop.load(Ordering::Relaxed) {
+        while !stop.is_cancelled() {
             let chosen = producer_keys.sample_batch(&mut rand::rng(), batch);
             let hits = chosen
                 .iter()
@@ -82,7 +84,10 @@ pub(crate) async fn drive(
             });
             if let Some(pace) = pace {
                 next += pace;
-                tokio::time::sleep_until(next).await;
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => {}
+                    () = stop.cancelled() => break,
+                }
             }
         }
     });
@@ -171,7 +176,7 @@ async fn load(
     until: impl Future<Output = ()>,
     acked: &Arc<AtomicU64>,
 ) -> anyhow::Result<Driven> {
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let drivers: Vec<_> = (0..streams)
         .map(|_| {
             tokio::spawn(drive(
@@ -179,13 +184,13 @@ async fn load(
                 Arc::clone(keys),
                 batch,
                 0,
-                Arc::clone(&stop),
+                stop.clone(),
                 Arc::clone(acked),
             ))
         })
         .collect();
     until.await;
-    stop.store(true, Ordering::Relaxed);
+    stop.cancel();
     let mut merged = Driven {
         latency: histogram()?,
         counts: vec![0; keys.len()],
@@ -255,6 +260,9 @@ pub(crate) async fn throughput(
     })
 }
 
+/// Requests sent one after another before [`open_loop`] starts measuring.
+const WARM_UP_REQUESTS: usize = 200;
+
 /// Sends one request per `1/qps` for `duration`, each from its own task so a slow answer does
 /// not delay the next send, and records each latency from its *intended* send time (so stalls
 /// are not hidden: corrected for coordinated omission). Fails if any request failed.
@@ -272,15 +280,26 @@ where
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     anyhow::ensure!(qps > 0, "the query rate must be positive");
+    // Warm up, unmeasured: the first requests open connections (hitcounter's query connects
+    // to the aggregator lazily) and fault in code and buffers; a steady-state figure should
+    // not count that once-per-process cost, for either peer.
+    for _ in 0..WARM_UP_REQUESTS {
+        request().await?;
+    }
     let latency = Arc::new(Mutex::new(histogram()?));
     let failures = Arc::new(AtomicU64::new(0));
     let interval = Duration::from_secs_f64(1.0 / qps as f64);
     let count = (duration.as_secs_f64() * qps as f64) as u32;
     let runtime = tokio::runtime::Handle::current();
     let (recorded, failed) = (Arc::clone(&latency), Arc::clone(&failures));
-    let tasks = tokio::task::spawn_blocking(move || {
+    // Each finished request adds a permit; the loop is over when all `count` are back. The
+    // tasks are detached rather than kept as `JoinHandle`s: a handle keeps its finished task's
+    // memory alive, and thousands of those made the driver's allocator map fresh memory every
+    // few hundred requests, a stall that showed up as latency of the peer under test.
+    let finished = Arc::new(tokio::sync::Semaphore::new(0));
+    let done = Arc::clone(&finished);
+    tokio::task::spawn_blocking(move || {
         let start = Instant::now();
-        let mut tasks = Vec::with_capacity(count as usize);
         for n in 0..count {
             let intended = start + interval * n;
             if let Some(wait) = intended.checked_duration_since(Instant::now()) {
@@ -289,7 +308,8 @@ where
             let future = request();
             let latency = Arc::clone(&recorded);
             let failures = Arc::clone(&failed);
-            tasks.push(runtime.spawn(async move {
+            let done = Arc::clone(&done);
+            runtime.spawn(async move {
                 if future.await.is_err() {
                     failures.fetch_add(1, Ordering::Relaxed);
                 }
@@ -297,14 +317,12 @@ where
                 if let Ok(mut h) = latency.lock() {
                     let _ = h.record(took);
                 }
-            }));
+                done.add_permits(1);
+            });
         }
-        tasks
     })
     .await?;
-    for task in tasks {
-        task.await?;
-    }
+    let _all = finished.acquire_many(count).await?;
     let failed = failures.load(Ordering::Relaxed);
     anyhow::ensure!(failed == 0, "{failed} of {count} queries failed");
     let h = latency
@@ -315,7 +333,7 @@ where
 }
 
 /// Workload 2: `GetHits(300 s)` of Zipf-chosen keys at `qps` for `duration` while one stream
-/// ingests `rate` hits/s into the same keys.
+/// ingests `rate` hits/s into the same keys (none when `rate` is 0).
 pub(crate) async fn query_latency(
     stack: &Stack,
     keys: &Arc<Keys>,
@@ -323,15 +341,17 @@ pub(crate) async fn query_latency(
     qps: u64,
     duration: Duration,
 ) -> anyhow::Result<Histogram<u64>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    let background = tokio::spawn(drive(
-        stack.ingest.clone(),
-        Arc::clone(keys),
-        1000,
-        rate,
-        Arc::clone(&stop),
-        Arc::new(AtomicU64::new(0)),
-    ));
+    let stop = CancellationToken::new();
+    let background = (rate > 0).then(|| {
+        tokio::spawn(drive(
+            stack.ingest.clone(),
+            Arc::clone(keys),
+            1000,
+            rate,
+            stop.clone(),
+            Arc::new(AtomicU64::new(0)),
+        ))
+    });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let query = stack.query.clone();
     let chooser = Arc::clone(keys);
@@ -350,8 +370,10 @@ pub(crate) async fn query_latency(
         }
     })
     .await;
-    stop.store(true, Ordering::Relaxed);
-    background.await??;
+    stop.cancel();
+    if let Some(background) = background {
+        background.await??;
+    }
     let h = result?;
     print_query_latency("hitcounter GetHits(300 s)", qps, rate, &h);
     Ok(h)
@@ -382,14 +404,14 @@ pub(crate) async fn visibility(
     rate: u64,
     samples: usize,
 ) -> anyhow::Result<Visibility> {
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
     let background = (rate > 0).then(|| {
         tokio::spawn(drive(
             stack.ingest.clone(),
             Arc::clone(keys),
             1000,
             rate,
-            Arc::clone(&stop),
+            stop.clone(),
             Arc::new(AtomicU64::new(0)),
         ))
     });
@@ -428,7 +450,7 @@ pub(crate) async fn visibility(
         }
         latency.record(acked_at.elapsed().as_micros().max(1) as u64)?;
     }
-    stop.store(true, Ordering::Relaxed);
+    stop.cancel();
     if let Some(background) = background {
         let paced = background.await??.latency;
         println!(

@@ -4,11 +4,15 @@ use clap::Parser;
 use hitcounter_query::Config;
 use hitcounter_telemetry::{logging, shutdown, Listeners};
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     hitcounter_allocator::init();
     let config = Config::parse();
     logging::init(config.service.log_format);
+    let runtime = config.service.runtime(Config::DEFAULT_WORKERS)?;
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     let listeners = Listeners::bind(
         config.listen,
         config.service.metrics_addr(Config::DEFAULT_METRICS),

@@ -6,7 +6,8 @@
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a [`CancellationToken`] every task watches.
 //! - [`server`]: the gRPC server every service runs (health, reflection, metrics, drain).
 //! - [`ServiceArgs`]: the command-line knobs every service has (log format, metrics address,
-//!   drain deadline, message size limit).
+//!   drain deadline, message size limit, runtime worker threads), and the tokio runtime built
+//!   from them ([`ServiceArgs::runtime`]).
 
 pub mod logging;
 pub mod metrics;
@@ -40,9 +41,45 @@ pub struct ServiceArgs {
     /// and the service goes on.
     #[arg(long, env = "HITCOUNTER_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
+
+    /// Tokio worker threads. Default: one per core for ingest and the aggregator, 1 for query
+    /// (an I/O-bound router; see the README's Performance section for why one thread answers
+    /// faster there). Scale query out with more replicas, or up with this flag.
+    #[arg(long, env = "HITCOUNTER_WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
+}
+
+/// How many worker threads a service runs when `--worker-threads` is not given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultWorkers {
+    /// One per core (what `#[tokio::main]` does).
+    PerCore,
+    /// A fixed number.
+    Fixed(std::num::NonZeroUsize),
 }
 
 impl ServiceArgs {
+    /// The worker threads this service runs with, `default` applying when the flag is absent.
+    pub fn worker_threads(&self, default: DefaultWorkers) -> usize {
+        match (self.worker_threads, default) {
+            (Some(n), _) | (None, DefaultWorkers::Fixed(n)) => n.get(),
+            (None, DefaultWorkers::PerCore) => {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            }
+        }
+    }
+
+    /// Builds the service's multi-threaded tokio runtime with [`Self::worker_threads`] workers.
+    ///
+    /// # Errors
+    /// The operating system's error if the runtime's threads or I/O driver cannot be created.
+    pub fn runtime(&self, default: DefaultWorkers) -> std::io::Result<tokio::runtime::Runtime> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.worker_threads(default))
+            .enable_all()
+            .build()
+    }
+
     /// The drain deadline as a [`Duration`].
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_seconds)
@@ -152,4 +189,46 @@ pub fn grpc_incoming(listener: tokio::net::TcpListener) -> tonic::transport::ser
     tonic::transport::server::TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroUsize;
+
+    use clap::Parser;
+
+    use super::{DefaultWorkers, ServiceArgs};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        service: ServiceArgs,
+    }
+
+    fn args(line: &[&str]) -> ServiceArgs {
+        Cli::try_parse_from(std::iter::once("service").chain(line.iter().copied()))
+            .map(|cli| cli.service)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn worker_threads_default_per_service_and_the_flag_wins() {
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        let one = DefaultWorkers::Fixed(NonZeroUsize::MIN);
+        let none = args(&[]);
+        assert_eq!(none.worker_threads(DefaultWorkers::PerCore), cores);
+        assert_eq!(none.worker_threads(one), 1);
+        let three = args(&["--worker-threads", "3"]);
+        assert_eq!(three.worker_threads(DefaultWorkers::PerCore), 3);
+        assert_eq!(three.worker_threads(one), 3);
+        assert!(Cli::try_parse_from(["service", "--worker-threads", "0"]).is_err());
+    }
+
+    #[test]
+    fn the_runtime_runs_the_configured_workers() -> std::io::Result<()> {
+        let runtime = args(&["--worker-threads", "2"]).runtime(DefaultWorkers::PerCore)?;
+        assert_eq!(runtime.metrics().num_workers(), 2);
+        assert_eq!(runtime.block_on(async { 40 + 2 }), 42);
+        Ok(())
+    }
 }

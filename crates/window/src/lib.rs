@@ -108,6 +108,7 @@
 //! | [`series`](WindowStore::series) | O(log n + w + points) | the `points` result |
 //! | [`top`](WindowStore::top) | O(K (prefix test + count) + K log limit) | O(limit) heap |
 //! | [`evict_before`](WindowStore::evict_before) | O(K + counters dropped + counters moved) | — |
+//! | [`evict_step`](WindowStore::evict_step) | O(buckets + counters dropped + counters moved) | — |
 //! | [`key_count`](WindowStore::key_count), [`counter_count`](WindowStore::counter_count), [`approx_heap_bytes`](WindowStore::approx_heap_bytes) | O(1) | — |
 //! | [`image`](WindowStore::image) | O(K + B) | one buffer of about B |
 //!
@@ -426,35 +427,72 @@ impl WindowStore {
     ///
     /// Entries left with many spare slots are shrunk (see the crate docs), and
     /// the key table is shrunk when less than a quarter full, so that memory
-    /// follows live data after a burst.
+    /// follows live data after a burst. This is one whole
+    /// [`eviction`](Self::eviction) pass; a caller that must stay responsive
+    /// with many keys runs the pass in steps instead.
     pub fn evict_before(&mut self, min_second: i64) -> usize {
-        if min_second <= 0 || self.counters == 0 {
-            return 0;
+        let mut pass = self.eviction(min_second);
+        while !self.evict_step(&mut pass, usize::MAX) {}
+        pass.dropped
+    }
+
+    /// Starts an eviction pass of the counters with second < `min_second`, to
+    /// be run by [`evict_step`](Self::evict_step) until it returns `true`.
+    ///
+    /// The pass walks the key table by bucket index. Removing a key does not
+    /// move the others, so reads between steps are fine. Adding keys between
+    /// steps may grow the table and reorder it; the pass then still ends, but
+    /// may miss keys, which the next pass evicts.
+    pub fn eviction(&self, min_second: i64) -> EvictionPass {
+        EvictionPass {
+            min_second,
+            next_bucket: 0,
+            dropped: 0,
         }
-        let Self {
-            table,
-            hash_state,
-            counters,
-            entry_bytes,
-            ..
-        } = self;
-        let mut dropped = 0;
-        table.retain(|entry| {
+    }
+
+    /// Runs the next `buckets` buckets of the key table through `pass`; returns
+    /// `true` when the pass is over (after shrinking the table if it is less
+    /// than a quarter full).
+    ///
+    /// A step costs O(`buckets`) plus the counters it drops or moves; a table
+    /// holds at most 7 keys per 8 buckets.
+    pub fn evict_step(&mut self, pass: &mut EvictionPass, buckets: usize) -> bool {
+        if pass.min_second <= 0 || self.counters == 0 {
+            return true;
+        }
+        let end = pass
+            .next_bucket
+            .saturating_add(buckets)
+            .min(self.table.num_buckets());
+        for bucket in pass.next_bucket..end {
+            let Some(entry) = self.table.get_bucket_mut(bucket) else {
+                continue;
+            };
             let before = entry.heap_bytes();
-            let eviction = entry.evict_before(min_second);
-            dropped += eviction.dropped;
-            *entry_bytes -= before;
+            let eviction = entry.evict_before(pass.min_second);
+            let after = entry.heap_bytes();
+            pass.dropped += eviction.dropped;
+            self.counters -= eviction.dropped;
+            self.entry_bytes -= before;
             if eviction.left == 0 {
-                return false;
+                if let Ok(empty) = self.table.get_bucket_entry(bucket) {
+                    empty.remove();
+                }
+            } else {
+                self.entry_bytes += after;
             }
-            *entry_bytes += entry.heap_bytes();
-            true
-        });
-        *counters -= dropped;
-        if table.len() < table.capacity() / 4 {
-            table.shrink_to_fit(|entry| hash_state.hash_one(entry.key()));
         }
-        dropped
+        pass.next_bucket = end;
+        if end < self.table.num_buckets() {
+            return false;
+        }
+        if self.table.len() < self.table.capacity() / 4 {
+            let hash_state = &self.hash_state;
+            self.table
+                .shrink_to_fit(|entry| hash_state.hash_one(entry.key()));
+        }
+        true
     }
 
     /// Number of keys held (every key held has at least one counter).
@@ -505,6 +543,21 @@ type Ranked<'a> = (u64, Reverse<&'a [u8]>);
 /// cannot skip the check (short keys make it cheap).
 fn key_text(key: &[u8]) -> &str {
     std::str::from_utf8(key).expect("stored keys are copies of &str")
+}
+
+/// An eviction pass in progress (see [`WindowStore::eviction`]).
+#[derive(Debug, Clone)]
+pub struct EvictionPass {
+    min_second: i64,
+    next_bucket: usize,
+    dropped: usize,
+}
+
+impl EvictionPass {
+    /// Counters dropped so far by this pass.
+    pub fn dropped(&self) -> usize {
+        self.dropped
+    }
 }
 
 /// A [`StoreImage`] being built; see [`WindowStore::image_builder`].
