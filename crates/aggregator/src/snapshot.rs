@@ -15,7 +15,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use hitcounter_telemetry::CancellationToken;
 
-use crate::{checkpoint, error::AggregatorError, grpc::Applier};
+use crate::{checkpoint, dedup::Progress, error::AggregatorError, grpc::Applier};
 
 /// Runs until `stop` is cancelled, then takes a last checkpoint and returns.
 pub(crate) async fn run(
@@ -36,7 +36,10 @@ pub(crate) async fn run(
         }
         // Nothing applied since the last checkpoint: the file on disk already holds this state
         // (up to evictions, which replay redoes), so an idle aggregator writes nothing.
-        if written.is_some() && written == Some(progress_marks(&applier)) {
+        if written
+            .as_ref()
+            .is_some_and(|marks| *marks == progress_marks(&applier.applied.snapshot()))
+        {
             skipped.increment(1);
             continue;
         }
@@ -54,10 +57,8 @@ pub(crate) async fn run(
 }
 
 /// Every producer's applied-through mark, sorted: equal marks mean nothing was applied between.
-fn progress_marks(applier: &Applier) -> Vec<(u64, u64)> {
-    let mut marks: Vec<(u64, u64)> = applier
-        .applied
-        .snapshot()
+fn progress_marks(producers: &[(u64, Progress)]) -> Vec<(u64, u64)> {
+    let mut marks: Vec<(u64, u64)> = producers
         .iter()
         .map(|(producer, progress)| (*producer, progress.through))
         .collect();
@@ -78,11 +79,7 @@ async fn take(
         (producers, stores)
     };
     let paused = started.elapsed();
-    let mut throughs: Vec<(u64, u64)> = producers
-        .iter()
-        .map(|(p, progress)| (*p, progress.through))
-        .collect();
-    throughs.sort_unstable();
+    let throughs = progress_marks(&producers);
     let state = checkpoint::State {
         taken_at_ms: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -332,6 +332,42 @@ where
     Ok(h)
 }
 
+/// A paced background load of 1000-hit batches on one `StreamHits` stream, under the query
+/// and visibility workloads.
+struct Background {
+    stop: CancellationToken,
+    driver: Option<tokio::task::JoinHandle<anyhow::Result<Driven>>>,
+}
+
+impl Background {
+    /// Starts `rate` hits/s into `keys` (nothing when `rate` is 0) and lets it settle for
+    /// half a second.
+    async fn start(stack: &Stack, keys: &Arc<Keys>, rate: u64) -> Self {
+        let stop = CancellationToken::new();
+        let driver = (rate > 0).then(|| {
+            tokio::spawn(drive(
+                stack.ingest.clone(),
+                Arc::clone(keys),
+                1000,
+                rate,
+                stop.clone(),
+                Arc::new(AtomicU64::new(0)),
+            ))
+        });
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Self { stop, driver }
+    }
+
+    /// Stops the load; what the stream drove, if there was one.
+    async fn stop(self) -> anyhow::Result<Option<Driven>> {
+        self.stop.cancel();
+        match self.driver {
+            Some(driver) => Ok(Some(driver.await??)),
+            None => Ok(None),
+        }
+    }
+}
+
 /// Workload 2: `GetHits(300 s)` of Zipf-chosen keys at `qps` for `duration` while one stream
 /// ingests `rate` hits/s into the same keys (none when `rate` is 0).
 pub(crate) async fn query_latency(
@@ -341,18 +377,7 @@ pub(crate) async fn query_latency(
     qps: u64,
     duration: Duration,
 ) -> anyhow::Result<Histogram<u64>> {
-    let stop = CancellationToken::new();
-    let background = (rate > 0).then(|| {
-        tokio::spawn(drive(
-            stack.ingest.clone(),
-            Arc::clone(keys),
-            1000,
-            rate,
-            stop.clone(),
-            Arc::new(AtomicU64::new(0)),
-        ))
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let background = Background::start(stack, keys, rate).await;
     let query = stack.query.clone();
     let chooser = Arc::clone(keys);
     let result = open_loop(qps, duration, move || {
@@ -370,10 +395,7 @@ pub(crate) async fn query_latency(
         }
     })
     .await;
-    stop.cancel();
-    if let Some(background) = background {
-        background.await??;
-    }
+    background.stop().await?;
     let h = result?;
     print_query_latency("hitcounter GetHits(300 s)", qps, rate, &h);
     Ok(h)
@@ -404,18 +426,7 @@ pub(crate) async fn visibility(
     rate: u64,
     samples: usize,
 ) -> anyhow::Result<Visibility> {
-    let stop = CancellationToken::new();
-    let background = (rate > 0).then(|| {
-        tokio::spawn(drive(
-            stack.ingest.clone(),
-            Arc::clone(keys),
-            1000,
-            rate,
-            stop.clone(),
-            Arc::new(AtomicU64::new(0)),
-        ))
-    });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let background = Background::start(stack, keys, rate).await;
     let mut latency = histogram()?;
     let mut writer = stack.ingest.clone();
     let run = rand::rng().random::<u32>();
@@ -450,9 +461,8 @@ pub(crate) async fn visibility(
         }
         latency.record(acked_at.elapsed().as_micros().max(1) as u64)?;
     }
-    stop.cancel();
-    if let Some(background) = background {
-        let paced = background.await??.latency;
+    if let Some(paced) = background.stop().await? {
+        let paced = paced.latency;
         println!(
             "  hitcounter ack latency of a 1000-hit batch at a steady {rate} hits/s: p50 {:.2} ms, p99 {:.2} ms",
             ms(&paced, 0.5),
