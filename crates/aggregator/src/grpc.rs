@@ -7,7 +7,7 @@
 //! in which batches land does not matter; a checkpoint waits for every batch in flight through
 //! the apply gate). An apply that has started always runs to the end, also on shutdown or
 //! when the stream breaks: stopping half-way would leave a batch partly applied but marked as
-//! applied. Reads (`Count`, `Series`, `Top`) fan out to the owners and fan in.
+//! applied. Reads (`Count`, `Series`, `Top`) read the owners' stores in place and merge.
 
 use std::{collections::HashMap, pin::Pin, sync::Arc};
 
@@ -180,10 +180,9 @@ impl Aggregator for AggregatorService {
                 ))
                 .into());
             }
-            let counts = self
-                .owners
-                .count(request.keys, request.end_second, request.window_seconds)
-                .await?;
+            let counts =
+                self.owners
+                    .count(&request.keys, request.end_second, request.window_seconds);
             Ok(Response::new(CountResponse { counts }))
         })
         .await
@@ -201,15 +200,12 @@ impl Aggregator for AggregatorService {
                 ))
                 .into());
             }
-            let counts = self
-                .owners
-                .series(
-                    request.key,
-                    request.start_second,
-                    request.step_seconds,
-                    request.points,
-                )
-                .await?;
+            let counts = self.owners.series(
+                &request.key,
+                request.start_second,
+                request.step_seconds,
+                request.points,
+            );
             Ok(Response::new(SeriesResponse { counts }))
         })
         .await
@@ -228,7 +224,6 @@ impl Aggregator for AggregatorService {
                     limit,
                     &request.prefix,
                 )
-                .await?
                 .into_iter()
                 .map(|(key, count)| KeyCount { key, count })
                 .collect();

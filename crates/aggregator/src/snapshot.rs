@@ -1,7 +1,8 @@
 //! The `snapshot` stage: writes a checkpoint every interval, and a last one at shutdown.
 //!
-//! The copy is taken under the apply gate (applies wait a moment; reads do not), everything else
-//! (encoding, writing, fsync) happens on a thread of its own from the copy. Only after the file
+//! The copy is taken under the apply gate (applies wait a moment; reads do not: the copy reads
+//! each owner's store under its read lock, on a thread of its own), and that thread then goes on
+//! with the rest (encoding, writing, fsync). Only after the file
 //! is durable are the producers told, through `durable_through` in their acks, that they may
 //! trim.
 //!
@@ -72,31 +73,35 @@ async fn take(
     dir: &std::path::Path,
 ) -> Result<Vec<(u64, u64)>, AggregatorError> {
     let started = std::time::Instant::now();
-    let (producers, stores) = {
-        let _exclusive = applier.gate.write().await;
-        let producers = applier.applied.snapshot();
-        let stores = applier.owners.snapshot().await?;
-        (producers, stores)
-    };
-    let paused = started.elapsed();
+    let exclusive = applier.gate.write().await;
+    let producers = applier.applied.snapshot();
     let throughs = progress_marks(&producers);
-    let state = checkpoint::State {
-        taken_at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
-        producers,
-        stores,
-    };
+    let owners = applier.owners.clone();
     let dir = dir.to_owned();
+    let (copied, copy_done) = tokio::sync::oneshot::channel();
     let (done, written) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("checkpoint".into())
         .spawn(move || {
+            // The copy, at normal priority: applies wait for it (reads do not).
+            let stores = owners.snapshot();
+            let _ = copied.send(());
             lower_priority();
+            let state = checkpoint::State {
+                taken_at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0),
+                producers,
+                stores,
+            };
             let _ = done.send(checkpoint::write(&dir, &state));
         })
         .map_err(|e| AggregatorError::Checkpoint(format!("cannot start a thread: {e}")))?;
+    let copied = copy_done.await;
+    drop(exclusive);
+    copied.map_err(|_| AggregatorError::Checkpoint("the checkpoint copy panicked".into()))?;
+    let paused = started.elapsed();
     let bytes = written
         .await
         .map_err(|_| AggregatorError::Checkpoint("the checkpoint thread panicked".into()))?

@@ -54,7 +54,7 @@ async fn channel(addr: SocketAddr) -> anyhow::Result<Channel> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?;
-        match endpoint.connect().await {
+        match hitcounter_transport::connect(&endpoint).await {
             Ok(channel) => return Ok(channel),
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await

@@ -114,11 +114,10 @@ pub async fn connect(
         address: address.clone(),
         source,
     };
-    Endpoint::from_shared(address.uri())
+    let endpoint = Endpoint::from_shared(address.uri())
         .map_err(error)?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .connect()
+        .connect_timeout(timeout);
+    hitcounter_transport::connect(&endpoint)
         .await
         .map_err(error)
 }

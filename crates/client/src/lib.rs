@@ -81,10 +81,8 @@ async fn channel(address: &str) -> Result<Channel, ClientError> {
         address: address.to_owned(),
         reason: e.to_string(),
     })?;
-    endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
+    let endpoint = endpoint.connect_timeout(Duration::from_secs(5));
+    hitcounter_transport::connect(&endpoint)
         .await
         .map_err(|source| ClientError::Connect {
             address: address.to_owned(),

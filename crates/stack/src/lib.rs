@@ -109,12 +109,11 @@ impl ClientArgs {
                         reason: e.to_string(),
                     }
                 })?;
-                Ok(endpoint
+                let endpoint = endpoint
                     .connect_timeout(Duration::from_millis(self.aggregator_timeout_ms.max(1)))
-                    .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5))
-                    .connect_lazy())
+                    .keep_alive_timeout(Duration::from_secs(5));
+                Ok(hitcounter_transport::connect_lazy(&endpoint))
             })
             .collect()
     }

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::server::NamedService;
 use tracing::Instrument;
 
-use crate::{grpc_incoming, Listeners};
+use crate::Listeners;
 
 /// Why the server could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +55,7 @@ where
         .add_service(reflection_v1alpha)
         .add_service(service)
         .serve_with_incoming_shutdown(
-            grpc_incoming(listeners.grpc),
+            hitcounter_transport::incoming(listeners.grpc),
             shutdown.clone().cancelled_owned(),
         );
     health.set_serving::<S>().await;
