@@ -38,7 +38,11 @@
 //!   counters holding 16.
 //! * **The key table** is a `hashbrown::HashTable` of the entries' pointers
 //!   (`Box<[u8]>`, 16 bytes, plus hashbrown's control byte), hashed with
-//!   `foldhash` over the key's bytes.
+//!   `foldhash` over the key's bytes, split in [`SUB_TABLES`] tables by bits
+//!   of that hash: a table that is full rehashes every key it holds in one
+//!   `add` (measured with `examples/growth.rs`: 39–81 ms at 917k keys in one
+//!   table, a stall of every read of the store), so each growth moves a
+//!   sixteenth of the keys. The slots add up to what one table would have.
 //!
 //! For the benchmark's 1,000,000 keys of 16 bytes with 10 hits each at random
 //! seconds over 300 s (9.85 counters per key), an entry is 1 + 16 + 9.85 × 8
@@ -201,6 +205,16 @@ pub enum StoreError {
 /// The hash state of a store's table: `foldhash`, seeded per store.
 type HashState = foldhash::fast::RandomState;
 
+/// Tables the keys are split over (see the [crate docs](crate)); a power of two.
+pub const SUB_TABLES: usize = 16;
+
+/// The table of a key's hash. hashbrown takes a bucket from the low bits and a
+/// tag from the top 7; bits 40–43 are neither, so the keys of one table are
+/// still spread over all its buckets.
+fn sub_table(hash: u64) -> usize {
+    (hash >> 40) as usize & (SUB_TABLES - 1)
+}
+
 /// Upper bound of the count varint that prefixes each image record: a key
 /// holds at most 2^32 counters (one per `u32` second), 5 varint bytes.
 const IMAGE_COUNT_VARINT_BYTES: usize = 5;
@@ -213,8 +227,9 @@ const IMAGE_COUNT_VARINT_BYTES: usize = 5;
 #[derive(Clone)]
 pub struct WindowStore {
     limits: StoreLimits,
-    /// One [`Entry`] per key, found by the hash of the key's bytes.
-    table: hashbrown::HashTable<Entry>,
+    /// One [`Entry`] per key, found by the hash of the key's bytes, in the
+    /// table [`sub_table`] of that hash picks ([`SUB_TABLES`] of them).
+    tables: Box<[hashbrown::HashTable<Entry>]>,
     hash_state: HashState,
     /// Total counters over all keys, kept up to date by `add` and `evict_before`.
     counters: usize,
@@ -228,7 +243,9 @@ impl WindowStore {
     pub fn new(limits: StoreLimits) -> Self {
         Self {
             limits,
-            table: hashbrown::HashTable::new(),
+            tables: (0..SUB_TABLES)
+                .map(|_| hashbrown::HashTable::new())
+                .collect(),
             hash_state: HashState::default(),
             counters: 0,
             entry_bytes: 0,
@@ -247,13 +264,19 @@ impl WindowStore {
     /// The entry of `key`, if the store holds it.
     fn find_entry(&self, key: &str) -> Option<&Entry> {
         let key = key.as_bytes();
-        self.table.find(self.hash(key), |entry| entry.key() == key)
+        let hash = self.hash(key);
+        self.tables[sub_table(hash)].find(hash, |entry| entry.key() == key)
+    }
+
+    /// Every entry, table after table.
+    fn entries(&self) -> impl Iterator<Item = &Entry> + '_ {
+        self.tables.iter().flat_map(|table| table.iter())
     }
 
     /// Every key with its counters as `(second, count)` in increasing second order, keys in no
     /// particular order. For writing snapshots; restore with [`WindowStore::add`].
     pub fn iter(&self) -> impl Iterator<Item = (&str, impl Iterator<Item = (i64, u64)> + '_)> + '_ {
-        self.table.iter().map(|entry| {
+        self.entries().map(|entry| {
             let counters = entry
                 .counters()
                 .iter()
@@ -281,11 +304,13 @@ impl WindowStore {
         // Each record is the entry without its spare slots, plus a count
         // varint, so this bounds the total; the boxing at the end trims the
         // rest.
-        let bound = self.entry_bytes + self.table.len() * IMAGE_COUNT_VARINT_BYTES;
+        let keys = self.key_count();
+        let bound = self.entry_bytes + keys * IMAGE_COUNT_VARINT_BYTES;
         ImageBuilder {
-            entries: self.table.iter(),
+            entries: Box::new(self.entries()),
+            left: keys,
             records: Vec::with_capacity(bound),
-            keys: self.table.len(),
+            keys,
             counters: self.counters,
         }
     }
@@ -309,7 +334,8 @@ impl WindowStore {
         }
         let key_bytes = key.as_bytes();
         let hash = self.hash(key_bytes);
-        if let Some(entry) = self.table.find_mut(hash, |entry| entry.key() == key_bytes) {
+        let table = sub_table(hash);
+        if let Some(entry) = self.tables[table].find_mut(hash, |entry| entry.key() == key_bytes) {
             let before = entry.heap_bytes();
             if entry.add(second, count) {
                 self.counters += 1;
@@ -317,7 +343,7 @@ impl WindowStore {
             self.entry_bytes = self.entry_bytes - before + entry.heap_bytes();
             return Ok(());
         }
-        if self.table.len() >= self.limits.max_keys {
+        if self.key_count() >= self.limits.max_keys {
             return Err(StoreError::KeyLimit {
                 limit: self.limits.max_keys,
             });
@@ -326,8 +352,7 @@ impl WindowStore {
         self.entry_bytes += entry.heap_bytes();
         self.counters += 1;
         let hash_state = &self.hash_state;
-        self.table
-            .insert_unique(hash, entry, |entry| hash_state.hash_one(entry.key()));
+        self.tables[table].insert_unique(hash, entry, |entry| hash_state.hash_one(entry.key()));
         Ok(())
     }
 
@@ -395,8 +420,8 @@ impl WindowStore {
         // the worst entry kept, the one a better candidate evicts. Keys are
         // compared as bytes, which is how `str` orders too.
         let mut heap: BinaryHeap<Reverse<Ranked<'_>>> =
-            BinaryHeap::with_capacity(limit.min(self.table.len()));
-        for entry in &self.table {
+            BinaryHeap::with_capacity(limit.min(self.key_count()));
+        for entry in self.entries() {
             let key = entry.key();
             if !key.starts_with(prefix) {
                 continue;
@@ -446,6 +471,7 @@ impl WindowStore {
     pub fn eviction(&self, min_second: i64) -> EvictionPass {
         EvictionPass {
             min_second,
+            next_table: 0,
             next_bucket: 0,
             dropped: 0,
         }
@@ -461,43 +487,54 @@ impl WindowStore {
         if pass.min_second <= 0 || self.counters == 0 {
             return true;
         }
-        let end = pass
-            .next_bucket
-            .saturating_add(buckets)
-            .min(self.table.num_buckets());
-        for bucket in pass.next_bucket..end {
-            let Some(entry) = self.table.get_bucket_mut(bucket) else {
-                continue;
-            };
-            let before = entry.heap_bytes();
-            let eviction = entry.evict_before(pass.min_second);
-            let after = entry.heap_bytes();
-            pass.dropped += eviction.dropped;
-            self.counters -= eviction.dropped;
-            self.entry_bytes -= before;
-            if eviction.left == 0 {
-                if let Ok(empty) = self.table.get_bucket_entry(bucket) {
-                    empty.remove();
+        let mut budget = buckets;
+        while pass.next_table < self.tables.len() {
+            let table = &mut self.tables[pass.next_table];
+            let end = pass
+                .next_bucket
+                .saturating_add(budget)
+                .min(table.num_buckets());
+            budget -= end - pass.next_bucket;
+            for bucket in pass.next_bucket..end {
+                let Some(entry) = table.get_bucket_mut(bucket) else {
+                    continue;
+                };
+                let before = entry.heap_bytes();
+                let eviction = entry.evict_before(pass.min_second);
+                let after = entry.heap_bytes();
+                pass.dropped += eviction.dropped;
+                self.counters -= eviction.dropped;
+                self.entry_bytes -= before;
+                if eviction.left == 0 {
+                    if let Ok(empty) = table.get_bucket_entry(bucket) {
+                        empty.remove();
+                    }
+                } else {
+                    self.entry_bytes += after;
                 }
-            } else {
-                self.entry_bytes += after;
             }
-        }
-        pass.next_bucket = end;
-        if end < self.table.num_buckets() {
-            return false;
-        }
-        if self.table.len() < self.table.capacity() / 4 {
-            let hash_state = &self.hash_state;
-            self.table
-                .shrink_to_fit(|entry| hash_state.hash_one(entry.key()));
+            pass.next_bucket = end;
+            if end < table.num_buckets() {
+                return false;
+            }
+            // This table is done: shrink it if less than a quarter full (that
+            // reorders it, and nothing of it is visited again in this pass).
+            if table.len() < table.capacity() / 4 {
+                let hash_state = &self.hash_state;
+                table.shrink_to_fit(|entry| hash_state.hash_one(entry.key()));
+            }
+            pass.next_table += 1;
+            pass.next_bucket = 0;
+            if budget == 0 {
+                return pass.next_table == self.tables.len();
+            }
         }
         true
     }
 
     /// Number of keys held (every key held has at least one counter).
     pub fn key_count(&self) -> usize {
-        self.table.len()
+        self.tables.iter().map(hashbrown::HashTable::len).sum()
     }
 
     /// Number of (key, second) counters held.
@@ -510,7 +547,11 @@ impl WindowStore {
     /// slots). Allocator overhead (headers and size-class rounding, about
     /// 15 bytes per key with glibc) is not counted. O(1).
     pub fn approx_heap_bytes(&self) -> usize {
-        self.table.allocation_size() + self.entry_bytes
+        self.tables
+            .iter()
+            .map(hashbrown::HashTable::allocation_size)
+            .sum::<usize>()
+            + self.entry_bytes
     }
 }
 
@@ -549,6 +590,8 @@ fn key_text(key: &[u8]) -> &str {
 #[derive(Debug, Clone)]
 pub struct EvictionPass {
     min_second: i64,
+    /// The table, and the bucket in it, where the next step starts.
+    next_table: usize,
     next_bucket: usize,
     dropped: usize,
 }
@@ -562,7 +605,9 @@ impl EvictionPass {
 
 /// A [`StoreImage`] being built; see [`WindowStore::image_builder`].
 pub struct ImageBuilder<'a> {
-    entries: hashbrown::hash_table::Iter<'a, Entry>,
+    entries: Box<dyn Iterator<Item = &'a Entry> + Send + 'a>,
+    /// Keys not copied yet.
+    left: usize,
     records: Vec<u8>,
     keys: usize,
     counters: usize,
@@ -573,11 +618,14 @@ impl ImageBuilder<'_> {
     pub fn step(&mut self, keys: usize) -> bool {
         for _ in 0..keys {
             match self.entries.next() {
-                Some(entry) => entry.write_image_record(&mut self.records),
+                Some(entry) => {
+                    entry.write_image_record(&mut self.records);
+                    self.left -= 1;
+                }
                 None => return true,
             }
         }
-        self.entries.len() == 0
+        self.left == 0
     }
 
     /// The image (of every key, whether or not [`step`](Self::step) has
@@ -592,7 +640,7 @@ impl fmt::Debug for ImageBuilder<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ImageBuilder")
             .field("keys", &self.keys)
-            .field("keys_left", &self.entries.len())
+            .field("keys_left", &self.left)
             .finish_non_exhaustive()
     }
 }
@@ -616,7 +664,7 @@ impl WindowStore {
     pub(crate) fn check_invariants(&self) {
         let mut total = 0;
         let mut bytes = 0;
-        for entry in &self.table {
+        for entry in self.entries() {
             entry.check_invariants();
             let found = self.find_entry(key_text(entry.key()));
             assert!(
@@ -630,7 +678,7 @@ impl WindowStore {
         assert_eq!(total, self.counters, "counter total is stale");
         assert_eq!(bytes, self.entry_bytes, "entry byte total is stale");
         assert!(
-            self.table.len() <= self.limits.max_keys,
+            self.key_count() <= self.limits.max_keys,
             "key limit exceeded"
         );
     }
@@ -646,6 +694,33 @@ mod unit_tests {
 
     fn pairs(items: &[(&str, u64)]) -> Vec<(String, u64)> {
         items.iter().map(|&(k, c)| (k.to_owned(), c)).collect()
+    }
+
+    #[test]
+    fn keys_spread_over_every_sub_table() {
+        let mut s = store();
+        for i in 0..16_000 {
+            s.add(&format!("/page/{i}"), 1, 1).unwrap();
+        }
+        // A growth rehashes one table: none may hold much more than its share.
+        for (i, table) in s.tables.iter().enumerate() {
+            assert!(
+                (500..=1500).contains(&table.len()),
+                "table {i} holds {} of 16000 keys",
+                table.len()
+            );
+        }
+        assert_eq!(s.key_count(), 16_000);
+        // An eviction pass in steps of one bucket walks every table.
+        let mut pass = s.eviction(2);
+        let mut steps = 0;
+        while !s.evict_step(&mut pass, 1) {
+            steps += 1;
+        }
+        assert!(steps >= 16_000, "{steps} steps");
+        assert_eq!(pass.dropped(), 16_000);
+        assert_eq!(s.key_count(), 0);
+        s.check_invariants();
     }
 
     #[test]
