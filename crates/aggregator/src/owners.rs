@@ -178,11 +178,6 @@ impl Owners {
     /// Window counts of `keys`, in the order given.
     pub(crate) fn count(&self, keys: &[String], end_second: i64, window_seconds: u32) -> Vec<u64> {
         let n = self.owners.len();
-        if let [key] = keys {
-            // The common case (`GetHits`): one key, one lock.
-            let owner = &self.owners[owner_of(key, n)];
-            return vec![owner.read().count(key, end_second, window_seconds)];
-        }
         let mut by_owner: Vec<Vec<usize>> = vec![Vec::new(); n];
         for (index, key) in keys.iter().enumerate() {
             by_owner[owner_of(key, n)].push(index);

@@ -2,9 +2,8 @@
 //!
 //! The copy is taken under the apply gate (applies wait a moment; reads do not: the copy reads
 //! each owner's store under its read lock, on a thread of its own), and that thread then goes on
-//! with the rest (encoding, writing, fsync). Only after the file
-//! is durable are the producers told, through `durable_through` in their acks, that they may
-//! trim.
+//! with the rest (encoding, writing, fsync). Only after the file is durable are the producers
+//! told, through `durable_through` in their acks, that they may trim.
 //!
 //! That thread runs at a low CPU priority (nice 10): encoding rewrites the whole state, tens of
 //! milliseconds of CPU per million counters, and at normal priority it took the CPU from the

@@ -291,28 +291,15 @@ impl WindowStore {
     /// allocation per key of a [`clone`](Clone::clone). Iterating it gives
     /// the same items as [`iter`](Self::iter).
     pub fn image(&self) -> StoreImage {
-        let mut builder = self.image_builder();
-        while !builder.step(usize::MAX) {}
-        builder.finish()
-    }
-
-    /// The same image as [`image`](Self::image), built a few keys at a time,
-    /// so that a caller can answer reads in between (a store of a million
-    /// keys takes about 0.15 s to copy). The builder borrows the store: it
-    /// cannot change until the image is finished.
-    pub fn image_builder(&self) -> ImageBuilder<'_> {
         // Each record is the entry without its spare slots, plus a count
-        // varint, so this bounds the total; the boxing at the end trims the
-        // rest.
+        // varint, so this bounds the total; the boxing below trims the rest.
         let keys = self.key_count();
         let bound = self.entry_bytes + keys * IMAGE_COUNT_VARINT_BYTES;
-        ImageBuilder {
-            entries: Box::new(self.entries()),
-            left: keys,
-            records: Vec::with_capacity(bound),
-            keys,
-            counters: self.counters,
+        let mut records = Vec::with_capacity(bound);
+        for entry in self.entries() {
+            entry.write_image_record(&mut records);
         }
+        StoreImage::new(records.into_boxed_slice(), keys, self.counters)
     }
 
     /// Adds `count` hits of `key` in `second`.
@@ -464,10 +451,10 @@ impl WindowStore {
     /// Starts an eviction pass of the counters with second < `min_second`, to
     /// be run by [`evict_step`](Self::evict_step) until it returns `true`.
     ///
-    /// The pass walks the key table by bucket index. Removing a key does not
-    /// move the others, so reads between steps are fine. Adding keys between
-    /// steps may grow the table and reorder it; the pass then still ends, but
-    /// may miss keys, which the next pass evicts.
+    /// The pass walks the key tables, one after the other, by bucket index.
+    /// Removing a key does not move the others, so reads between steps are
+    /// fine. Adding keys between steps may grow a table and reorder it; the
+    /// pass then still ends, but may miss keys, which the next pass evicts.
     pub fn eviction(&self, min_second: i64) -> EvictionPass {
         EvictionPass {
             min_second,
@@ -477,9 +464,9 @@ impl WindowStore {
         }
     }
 
-    /// Runs the next `buckets` buckets of the key table through `pass`; returns
-    /// `true` when the pass is over (after shrinking the table if it is less
-    /// than a quarter full).
+    /// Runs the next `buckets` buckets of the key tables through `pass`;
+    /// returns `true` when the pass is over (each table is shrunk once the
+    /// pass is through it, if it is less than a quarter full).
     ///
     /// A step costs O(`buckets`) plus the counters it drops or moves; a table
     /// holds at most 7 keys per 8 buckets.
@@ -600,48 +587,6 @@ impl EvictionPass {
     /// Counters dropped so far by this pass.
     pub fn dropped(&self) -> usize {
         self.dropped
-    }
-}
-
-/// A [`StoreImage`] being built; see [`WindowStore::image_builder`].
-pub struct ImageBuilder<'a> {
-    entries: Box<dyn Iterator<Item = &'a Entry> + Send + 'a>,
-    /// Keys not copied yet.
-    left: usize,
-    records: Vec<u8>,
-    keys: usize,
-    counters: usize,
-}
-
-impl ImageBuilder<'_> {
-    /// Copies up to `keys` more keys; `true` once every key is copied.
-    pub fn step(&mut self, keys: usize) -> bool {
-        for _ in 0..keys {
-            match self.entries.next() {
-                Some(entry) => {
-                    entry.write_image_record(&mut self.records);
-                    self.left -= 1;
-                }
-                None => return true,
-            }
-        }
-        self.left == 0
-    }
-
-    /// The image (of every key, whether or not [`step`](Self::step) has
-    /// finished: the rest is copied now).
-    pub fn finish(mut self) -> StoreImage {
-        while !self.step(usize::MAX) {}
-        StoreImage::new(self.records.into_boxed_slice(), self.keys, self.counters)
-    }
-}
-
-impl fmt::Debug for ImageBuilder<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ImageBuilder")
-            .field("keys", &self.keys)
-            .field("keys_left", &self.left)
-            .finish_non_exhaustive()
     }
 }
 
@@ -1044,34 +989,6 @@ mod snapshot_tests {
                 }
             }
         });
-    }
-
-    #[test]
-    fn an_image_built_in_steps_is_the_whole_image() {
-        let mut store = WindowStore::default();
-        for key in 0..1000 {
-            store
-                .add(&format!("/k/{key}"), 100 + key % 7, 1 + key as u64)
-                .unwrap();
-        }
-        let whole: Vec<(String, Vec<(i64, u64)>)> = store
-            .image()
-            .iter()
-            .map(|(k, c)| (k.to_owned(), c.collect()))
-            .collect();
-        let mut builder = store.image_builder();
-        let mut steps = 0;
-        while !builder.step(64) {
-            steps += 1;
-        }
-        let stepped = builder.finish();
-        assert_eq!(steps, 1000 / 64);
-        assert_eq!((stepped.key_count(), stepped.counter_count()), (1000, 1000));
-        let stepped: Vec<(String, Vec<(i64, u64)>)> = stepped
-            .iter()
-            .map(|(k, c)| (k.to_owned(), c.collect()))
-            .collect();
-        assert_eq!(stepped, whole);
     }
 
     #[test]
