@@ -12,14 +12,16 @@
 //! The code is generated at build time from `proto/` by `build.rs` (pure-Rust `protox`, no system
 //! `protoc`).
 
-#![allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod codec;
 
 /// The public API, package `hitcounter.v1`.
+#[allow(missing_docs, unreachable_pub, clippy::all)] // generated code
 pub mod v1 {
     tonic::include_proto!("hitcounter.v1");
 }
 
 /// The internal aggregator API.
+#[allow(missing_docs, unreachable_pub, clippy::all)] // generated code
 pub mod aggregator {
     /// Package `hitcounter.aggregator.v1`.
     pub mod v1 {
@@ -28,6 +30,7 @@ pub mod aggregator {
 }
 
 /// Ingest's storage formats.
+#[allow(missing_docs, unreachable_pub, clippy::all)] // generated code
 pub mod ingest {
     /// Package `hitcounter.ingest.v1`.
     pub mod v1 {
