@@ -43,7 +43,7 @@ pub struct ServiceArgs {
     pub max_message_bytes: usize,
 
     /// Tokio worker threads. Default: one per core for ingest and the aggregator, 1 for query
-    /// (an I/O-bound router; see the README's Performance section for why one thread answers
+    /// (an I/O-bound router; see docs/performance.md for why one thread answers
     /// faster there). Scale query out with more replicas, or up with this flag.
     #[arg(long, env = "HITCOUNTER_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
