@@ -6,6 +6,7 @@
 //! *refuse* it (connections are cut and new ones closed at once: a dead aggregator). This lets
 //! tests take an aggregator away and bring it back without losing its in-memory state.
 
+pub mod nats;
 pub mod process;
 pub mod proxy;
 
