@@ -42,28 +42,47 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// Parses the process's arguments (and `HITCOUNTER_*` variables); with no subcommand, the
-    /// same as `hitcounter all`. Prints the error or help and exits on bad or help arguments,
-    /// like [`Parser::parse`].
+    /// Parses the process's arguments (and `HITCOUNTER_*` variables). Without a subcommand it
+    /// is `all`: `hitcounter` and `hitcounter --fsync never` are `hitcounter all …`. Prints the
+    /// error or help and exits on bad or help arguments, like [`Parser::parse`].
     pub fn parse_role() -> Role {
-        match Self::parse().role {
+        let args = with_default_role(std::env::args_os().collect());
+        match Self::parse_from(args).role {
             Some(role) => role,
-            None => Self::parse_from(["hitcounter", "all"])
-                .role
-                .unwrap_or_else(unreachable_all),
+            // `with_default_role` leaves no subcommand out except for help and version, which
+            // clap answers and exits on; a clap that did not would be a bug worth a message.
+            None => Self::command()
+                .error(
+                    clap::error::ErrorKind::MissingSubcommand,
+                    "no role given and `all` not applied",
+                )
+                .exit(),
         }
     }
 }
 
-/// `parse_from([.., "all"])` always yields a role; a clap that did not would be a bug worth a
-/// clear message rather than a panic.
-fn unreachable_all() -> Role {
-    Cli::command()
-        .error(
-            clap::error::ErrorKind::MissingSubcommand,
-            "`all` was not recognised as a subcommand",
-        )
-        .exit()
+/// `args` with `all` inserted when the first argument is neither a subcommand nor a request for
+/// help or the version.
+fn with_default_role(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    const EXPLICIT: [&str; 9] = [
+        "all",
+        "ingest",
+        "aggregator",
+        "query",
+        "help",
+        "-h",
+        "--help",
+        "-V",
+        "--version",
+    ];
+    let explicit = args
+        .get(1)
+        .and_then(|first| first.to_str())
+        .is_some_and(|first| EXPLICIT.contains(&first));
+    if !explicit {
+        args.insert(1.min(args.len()), "all".into());
+    }
+    args
 }
 
 /// The roles `hitcounter` can run.
@@ -403,6 +422,26 @@ mod tests {
         }
         let error = parse(&["all", "--listen", "0.0.0.0:1"]).expect_err("refused");
         assert!(error.to_string().contains("--ingest-listen"), "{error}");
+    }
+
+    #[test]
+    fn no_subcommand_is_all_and_flags_alone_go_to_all() {
+        let role = |line: &[&str]| {
+            let args = line.iter().map(std::ffi::OsString::from).collect();
+            let args = super::with_default_role(args);
+            Cli::try_parse_from(args).map(|cli| cli.role)
+        };
+        assert!(matches!(role(&["hitcounter"]), Ok(Some(Role::All(_)))));
+        match role(&["hitcounter", "--fsync", "never"]) {
+            Ok(Some(Role::All(config))) => {
+                assert_eq!(config.ingest.fsync, hitcounter_ingest::config::FsyncMode::Never)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(role(&["hitcounter", "query"]), Ok(Some(Role::Query(_)))));
+        // Help stays the top-level help, listing the roles.
+        let help = role(&["hitcounter", "--help"]).expect_err("help exits");
+        assert!(help.to_string().contains("aggregator"), "{help}");
     }
 
     #[test]
