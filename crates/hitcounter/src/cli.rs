@@ -434,11 +434,17 @@ mod tests {
         assert!(matches!(role(&["hitcounter"]), Ok(Some(Role::All(_)))));
         match role(&["hitcounter", "--fsync", "never"]) {
             Ok(Some(Role::All(config))) => {
-                assert_eq!(config.ingest.fsync, hitcounter_ingest::config::FsyncMode::Never)
+                assert_eq!(
+                    config.ingest.fsync,
+                    hitcounter_ingest::config::FsyncMode::Never
+                )
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(role(&["hitcounter", "query"]), Ok(Some(Role::Query(_)))));
+        assert!(matches!(
+            role(&["hitcounter", "query"]),
+            Ok(Some(Role::Query(_)))
+        ));
         // Help stays the top-level help, listing the roles.
         let help = role(&["hitcounter", "--help"]).expect_err("help exits");
         assert!(help.to_string().contains("aggregator"), "{help}");
