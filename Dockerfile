@@ -1,14 +1,15 @@
-# The hitcounter image: the three service binaries and `hitctl` in one image; compose picks the
-# command.
+# The hitcounter image: `hitcounter` (all roles in one process), the three service binaries and
+# `hitctl` in one image; compose picks the command (it runs the services separately).
 # Multi-stage: build in the official Rust image, run in slim Debian as a non-root user.
-# (Tests on machines without a registry build a local image instead: tests/compose/.)
+# Needs internet (Docker Hub). Without it: `bash tests/compose/up-offline.sh` builds an image of
+# the same name from the binaries built on this machine (tests/compose/Dockerfile.local).
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --bins \
+RUN cargo build --release --locked --workspace --bins \
  && mkdir -p /out \
- && cp target/release/hitcounter-ingest target/release/hitcounter-aggregator \
+ && cp target/release/hitcounter target/release/hitcounter-ingest target/release/hitcounter-aggregator \
        target/release/hitcounter-query target/release/hitctl /out/
 
 FROM debian:bookworm-slim

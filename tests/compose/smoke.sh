@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Compose smoke test: builds a local image from the binaries built here, brings the stack up with
-# the user-facing docker-compose.yml, and checks it end to end with the real grpcurl and hitctl:
+# Compose smoke test: builds a local image from the binaries built here and brings the stack up
+# with the user-facing docker-compose.yml (both by up-offline.sh, the README's offline path), and checks it end to end with the real grpcurl and hitctl:
 # health-ordered start-up, exact counts, aggregator killed → query UNAVAILABLE fast while ingest
 # keeps accepting, aggregator started again → every count (the hits recorded before the kill,
 # restored from the aggregator's checkpoint or resent from ingest's log, and the hits accepted
@@ -66,30 +66,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-step "building binaries ($profile) and the local image"
-if [ "$profile" = release ]; then cargo build --release --bins; else cargo build --bins; fi
-bins=(hitcounter-ingest hitcounter-aggregator hitcounter-query hitctl)
-mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/tmp" "$ctx/home/data"
-for bin in "${bins[@]}"; do
-  cp "target/$profile/$bin" "$ctx/rootfs/usr/local/bin/"
-  # Every shared library the binary needs, at its absolute path, plus the loader.
-  for lib in $(ldd "target/$profile/$bin" | grep -oE '/[^ ]+' | sort -u); do
-    mkdir -p "$ctx/rootfs$(dirname "$lib")"
-    cp -L "$lib" "$ctx/rootfs$lib"
-  done
-done
-chmod 1777 "$ctx/rootfs/tmp"
-# /var/lib/hitcounter and its data/ (copied with --chown=10001 by Dockerfile.local): the named
-# volumes are initialised from data/, so they start out owned by the service user.
-chmod 0755 "$ctx/home" "$ctx/home/data"
-cp tests/compose/Dockerfile.local "$ctx/Dockerfile"
-# The legacy builder prints a deprecation notice on every build: show its output only on failure.
-if ! out=$(docker build -q -t hitcounter:latest "$ctx" 2>&1); then
-  echo "$out"
-  exit 1
-fi
-
-step "docker compose up"
+step "docker compose up (tests/compose/up-offline.sh: binaries ($profile), the local image, up -d)"
 dc down -v --remove-orphans >/dev/null 2>&1 || true
 for port in 50051 50053 9101 9103; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
@@ -98,7 +75,9 @@ for port in 50051 50053 9101 9103; do
     exit 1
   fi
 done
-dcq up -d --no-build
+# The README's offline path, as a user runs it, in this test's compose project.
+export COMPOSE_PROJECT_NAME=$project
+bash tests/compose/up-offline.sh --profile "$profile" -d >"$ctx/up.log" 2>&1 || { cat "$ctx/up.log"; exit 1; }
 
 wait_healthy() {
   local service=$1 deadline=$((SECONDS + 90)) id state
@@ -128,7 +107,7 @@ for port in 9101 9103; do
     "http://127.0.0.1:$port/metrics" || { echo "no /metrics on :$port"; exit 1; }
 done
 
-hitctl=("target/$profile/hitctl" --ingest 127.0.0.1:50051 --query 127.0.0.1:50053)
+hitctl=("${CARGO_TARGET_DIR:-target}/$profile/hitctl" --ingest 127.0.0.1:50051 --query 127.0.0.1:50053)
 run_id=$(date +%s%N)
 key="/smoke/$run_id"
 outage="/smoke/$run_id/outage"

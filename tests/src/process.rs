@@ -15,7 +15,7 @@ use tonic_health::pb::{
 use crate::{connect, eventually};
 
 /// The path of a workspace binary: next to the test executable (target/<profile>/), or in
-/// `HITCOUNTER_BIN_DIR`. Build them first with `cargo build --bins`.
+/// `HITCOUNTER_BIN_DIR`. Build them first with `cargo build --workspace --bins`.
 pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let dir = match std::env::var_os("HITCOUNTER_BIN_DIR") {
         Some(dir) => PathBuf::from(dir),
@@ -29,7 +29,7 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let path = dir.join(name);
     anyhow::ensure!(
         path.is_file(),
-        "{} not found: build the binaries first with `cargo build --bins`",
+        "{} not found: build the binaries first with `cargo build --workspace --bins`",
         path.display()
     );
     Ok(path)

@@ -1,5 +1,5 @@
 //! The three real binaries as child processes: `--help`, start-up from flags, SIGTERM drains and
-//! exits 0. Needs the binaries built first (`cargo build --bins`, which the README's test
+//! exits 0. Needs the binaries built first (`cargo build --workspace --bins`, which the README's test
 //! command does); they are looked up next to this test executable, or in `HITCOUNTER_BIN_DIR`.
 
 use std::{

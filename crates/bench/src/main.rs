@@ -19,7 +19,7 @@
 //!    into ingest's log, the aggregator is restarted, and the time until all are visible.
 //!
 //! It prints the machine, the command and one table (medians over `--runs`, with min–max).
-//! Run: `cargo build --release --bins && ./target/release/hitcounter-bench`.
+//! Run: `cargo build --workspace --release --bins && ./target/release/hitcounter-bench`.
 
 mod keys;
 mod memory;

@@ -46,7 +46,12 @@ fn start(bin_dir: &Path, name: &str, args: &[String]) -> anyhow::Result<Service>
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {} (cargo build --release --bins)", path.display()))?;
+        .with_context(|| {
+            format!(
+                "starting {} (cargo build --workspace --release --bins)",
+                path.display()
+            )
+        })?;
     Ok(Service(child))
 }
 

@@ -1,7 +1,7 @@
 //! A typical use of `hitcounter-client`: record hits through a batching recorder, then read the
 //! count of the last five minutes back.
 //!
-//! With the stack running (`docker compose up`, or the three `cargo run` commands in the README):
+//! With hitcounter running (`cargo run --release` from the repository root, or `docker compose up`):
 //! `cargo run -p hitcounter-client --example record_and_read -- /checkout 5000`
 
 use std::time::Duration;
