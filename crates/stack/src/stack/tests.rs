@@ -145,12 +145,16 @@ async fn the_breaker_opens_after_consecutive_failures_and_then_fails_fast() {
     assert_eq!(harness.breaker.state_code(), 2, "three in a row: open");
     assert!(harness.breaker.is_open());
 
-    // Open: calls fail at once without reaching the shard, even once it would answer.
+    // Open: calls fail at once without reaching the shard, even once it would answer (or hang
+    // for the day-long deadline), and without waiting: not even a retry backoff passes on the
+    // paused clock, which moves only when something sleeps.
     let reached = harness.calls();
-    harness.set(Behaviour::Succeed);
+    harness.set(Behaviour::Hold);
+    let started = tokio::time::Instant::now();
     for _ in 0..10 {
         assert!(matches!(harness.call().await, Err(StackError::CircuitOpen)));
     }
+    assert_eq!(started.elapsed(), Duration::ZERO, "an open circuit waited");
     assert_eq!(harness.calls(), reached, "a call reached the shard");
     assert_eq!(
         Status::from(StackError::CircuitOpen).code(),
@@ -330,7 +334,14 @@ async fn an_open_circuit_is_never_retried() {
     assert!(harness.call().await.is_err());
     assert_eq!(harness.calls(), 2);
     assert_eq!(harness.breaker.state_code(), 2);
+    // Open: no retry, so no backoff either (the paused clock does not move).
+    let started = tokio::time::Instant::now();
     assert!(matches!(harness.call().await, Err(StackError::CircuitOpen)));
+    assert_eq!(
+        started.elapsed(),
+        Duration::ZERO,
+        "an open circuit was retried"
+    );
     assert_eq!(harness.calls(), 2);
 }
 
