@@ -79,6 +79,8 @@ pub struct Service {
     dir: PathBuf,
     child: Option<Child>,
     addr: Option<SocketAddr>,
+    /// The exit code of a start that ended before serving.
+    exited: Option<i32>,
 }
 
 impl Service {
@@ -100,6 +102,7 @@ impl Service {
             dir: dir.to_owned(),
             child: None,
             addr: None,
+            exited: None,
         }
     }
 
@@ -137,6 +140,7 @@ impl Service {
             .spawn()?;
         self.child = Some(child);
         self.addr = None;
+        self.exited = None;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
             let text = std::fs::read(self.log_path())?;
@@ -148,6 +152,7 @@ impl Service {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     self.child = None;
+                    self.exited = status.code();
                     anyhow::bail!(
                         "{} exited with {status} before serving:\n{}",
                         self.name,
@@ -208,27 +213,9 @@ impl Service {
         }
     }
 
-    /// Waits for the process to exit by itself (e.g. after a start-up failure) and returns its
-    /// exit code.
-    ///
-    /// # Errors
-    /// When it is not running, or still runs after a minute (a hang guard).
-    pub async fn exit_code(&mut self) -> anyhow::Result<Option<i32>> {
-        let mut child = self
-            .child
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("{} is not running", self.name))?;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status.code());
-            }
-            if tokio::time::Instant::now() > deadline {
-                let _ = child.kill();
-                anyhow::bail!("{} still runs after a minute", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    /// The exit code of the last start that ended before serving (see [`Service::start`]).
+    pub fn last_exit_code(&self) -> Option<i32> {
+        self.exited
     }
 
     /// The service's log so far, for failure messages.
