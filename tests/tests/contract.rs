@@ -457,7 +457,7 @@ async fn watch_hits_sends_at_once_then_every_interval() -> anyhow::Result<()> {
         .into_inner();
     assert_eq!(watch.message().await?.expect("first").window_seconds, 300);
     stack.query.shutdown.cancel();
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+    let ended = tokio::time::timeout(VISIBLE_WITHIN, async {
         loop {
             match watch.message().await {
                 Ok(Some(_)) => continue,

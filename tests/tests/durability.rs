@@ -35,7 +35,7 @@ async fn count(query: &Running, key: &str) -> anyhow::Result<u64> {
 
 async fn until_count(query: &Running, key: &str, expected: u64) -> anyhow::Result<()> {
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         &format!("{key} to reach {expected}"),
         || async move { (count(query, key).await.ok()? == expected).then_some(()) },
     )
@@ -200,15 +200,32 @@ async fn a_torn_log_tail_is_cut_and_everything_before_it_counts() -> anyhow::Res
 
 #[tokio::test]
 async fn a_caller_that_gives_up_does_not_release_its_batch_id() -> anyhow::Result<()> {
-    // Flushes every 1.5 s, so the caller's 200 ms deadline passes while its hits are queued.
+    // Flushes every 1.5 s, so the caller can give up while its hits are queued.
     let aggregator = start_aggregator(&[]).await?;
     let ingest = start_ingest(&[aggregator.addr], &["--combine-interval-ms", "1500"]).await?;
     let query = start_query(&[aggregator.addr], &[]).await?;
     let mut client = ingest_client(&ingest).await?;
-    let mut impatient = tonic::Request::new(batch("/impatient", 5, "gave-up"));
-    impatient.set_timeout(Duration::from_millis(200));
-    let status = client.record_hits(impatient).await.expect_err("deadline");
-    println!("first attempt: {status:?}");
+    let impatient = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.record_hits(batch("/impatient", 5, "gave-up")).await }
+    });
+    // The caller gives up once its hits are in the pipeline (the combine stage took them).
+    // (It used to give up after a 200 ms deadline, which on a slow machine could pass before
+    // the hits were enqueued: the id was then rightly released and the retry was not a
+    // duplicate.)
+    let metrics = ingest.metrics_addr;
+    eventually(
+        Duration::from_secs(30),
+        "the first attempt's hits to be in the pipeline",
+        || async move {
+            let text = scrape(metrics).await.ok()?;
+            let combined = metric_value(&text, "hitcounter_ingest_combined_hits_total", &[])?;
+            (combined >= 1.0).then_some(())
+        },
+    )
+    .await?;
+    anyhow::ensure!(!impatient.is_finished(), "the first attempt was answered");
+    impatient.abort();
     // The retry learns that the first attempt's hits are in (after ABORTED "still being
     // recorded" answers while the first attempt's flush is pending, which a client retries).
     // Only ABORTED is retried: any other error fails the test.
@@ -238,10 +255,10 @@ async fn a_data_directory_serves_one_process_at_a_time() -> anyhow::Result<()> {
     // `start_*` returns before `serve` has taken the lock: wait until the first one serves, or
     // the second could take the directory first.
     let aggregator = start_aggregator(&["--data-dir", &dir]).await?;
-    hitcounter_integration_tests::process::serving(aggregator.addr, Duration::from_secs(10))
+    hitcounter_integration_tests::process::serving(aggregator.addr, Duration::from_secs(30))
         .await?;
     let second_aggregator = start_aggregator(&["--data-dir", &dir]).await?;
-    let refused = tokio::time::timeout(Duration::from_secs(10), second_aggregator.task).await??;
+    let refused = tokio::time::timeout(Duration::from_secs(30), second_aggregator.task).await??;
     assert!(
         refused
             .as_ref()
@@ -250,9 +267,9 @@ async fn a_data_directory_serves_one_process_at_a_time() -> anyhow::Result<()> {
     );
     let ingest_dir = data.path().join("ingest").display().to_string();
     let ingest = start_ingest(&[aggregator.addr], &["--data-dir", &ingest_dir]).await?;
-    hitcounter_integration_tests::process::serving(ingest.addr, Duration::from_secs(10)).await?;
+    hitcounter_integration_tests::process::serving(ingest.addr, Duration::from_secs(30)).await?;
     let second_ingest = start_ingest(&[aggregator.addr], &["--data-dir", &ingest_dir]).await?;
-    let refused = tokio::time::timeout(Duration::from_secs(10), second_ingest.task).await??;
+    let refused = tokio::time::timeout(Duration::from_secs(30), second_ingest.task).await??;
     assert!(
         refused
             .as_ref()
@@ -326,7 +343,7 @@ async fn an_idle_aggregator_skips_checkpoints_until_something_is_applied() -> an
     client.record_hits(batch("/idle", 1, "idle-2")).await?;
     until_count(&query, "/idle", 2).await?;
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "a checkpoint of the new hit",
         || async move { tally().await.filter(|&(w, _)| w > written) },
     )
