@@ -3,7 +3,8 @@
 //! a backlog written for another shard count, `StreamHits` ends at an invalid request with the
 //! requests before it counted, `ABORTED` for a batch id in flight, `WatchHits` clamps its interval
 //! and skips updates a slow reader has no room for, HTTP/2 flow control slows a stream whose
-//! client never reads, and a drain reports NOT_SERVING and takes no new calls.
+//! client never reads, a full in-memory hits buffer answers RESOURCE_EXHAUSTED, and a drain
+//! reports NOT_SERVING, takes no new calls and ends open streams with UNAVAILABLE.
 
 use std::{
     path::{Path, PathBuf},
@@ -694,4 +695,178 @@ async fn a_stream_whose_client_never_reads_is_slowed_by_flow_control_not_buffere
     }
     assert_eq!((answers, accepted), (offered, offered * hits_per_request));
     stack.stop().await.map_err(anyhow::Error::msg)
+}
+
+/// Backpressure through ingest's in-memory hits buffer (`--buffer-hits`), not the disk budget:
+/// when the log writer cannot keep up, the buffer fills and a unary call that finds no room
+/// within the enqueue timeout gets RESOURCE_EXHAUSTED, with nothing of it counted.
+///
+/// The log writer runs on tokio's blocking pool. This test's runtime has a pool of one thread,
+/// and the test occupies it: the writer then waits, deterministically, for as long as the test
+/// wants, as a disk that stopped answering would make it wait.
+#[test]
+fn a_full_hits_buffer_answers_resource_exhausted_and_counts_nothing_of_it() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(1)
+        .build()?
+        .block_on(full_hits_buffer())
+}
+
+async fn full_hits_buffer() -> anyhow::Result<()> {
+    let stack = Stack::start_with(StackOptions {
+        ingest: vec![
+            "--buffer-hits",
+            "100",
+            "--enqueue-timeout-ms",
+            "200",
+            "--flush-channel-capacity",
+            "1",
+            // One 50-hit call per flush, so that the stages between the buffer and the log
+            // writer hold only a few calls.
+            "--combine-max-deltas",
+            "50",
+        ],
+        ..Default::default()
+    })
+    .await?;
+    // Everything that starts up on the blocking pool (opening ingest's log) is done once ingest
+    // answers SERVING; the clients connect now, while the pool is free.
+    hitcounter_integration_tests::process::serving(stack.ingest.addr, PATIENCE).await?;
+    let ingest = stack.ingest_client().await?;
+    let mut query = stack.query_client().await?;
+    let metrics = stack.ingest.metrics_addr;
+    scrape(metrics).await?;
+
+    // Take the pool's only thread.
+    let (release, released) = std::sync::mpsc::sync_channel::<()>(1);
+    let (holding, held) = tokio::sync::oneshot::channel::<()>();
+    let blocker = tokio::task::spawn_blocking(move || {
+        let _ = holding.send(());
+        let _ = released.recv();
+    });
+    held.await?;
+
+    // 20 calls of 50 hits at once: a few fit in the buffer and the stages before the log, the
+    // rest find no room within 200 ms.
+    let calls: Vec<_> = (0..20u64)
+        .map(|n| {
+            let mut ingest = ingest.clone();
+            tokio::spawn(async move {
+                ingest
+                    .record_hits(RecordHitsRequest {
+                        hits: (0..50).map(|i| hit(&format!("/full/{n}/{i}"), 1)).collect(),
+                        batch_id: String::new(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    // Wait for the refusals: every call that is not in the pipeline by now gets one.
+    eventually(PATIENCE, "buffer_full refusals", || async move {
+        let text = scrape(metrics).await.ok()?;
+        metric_value(
+            &text,
+            "hitcounter_ingest_hits_rejected_total",
+            &["reason=\"buffer_full\""],
+        )
+        .filter(|&n| n > 0.0)
+    })
+    .await?;
+    let _ = release.send(());
+    blocker.await?;
+
+    let mut accepted = 0u64;
+    let mut refused = 0u64;
+    for call in calls {
+        match call.await? {
+            Ok(response) => accepted += response.into_inner().accepted,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.message().contains("ingest buffer is full"),
+                    "{}",
+                    status.message()
+                );
+                refused += 50;
+            }
+        }
+    }
+    println!("{accepted} hits accepted, {refused} refused with buffer_full");
+    assert!(
+        refused > 0 && accepted > 0,
+        "{accepted} accepted, {refused} refused"
+    );
+    let text = scrape(metrics).await?;
+    assert_eq!(
+        metric_value(
+            &text,
+            "hitcounter_ingest_hits_rejected_total",
+            &["reason=\"buffer_full\""],
+        ),
+        Some(refused as f64)
+    );
+    // Exactly the accepted hits are counted.
+    let keys: Vec<String> = (0..20)
+        .flat_map(|n| (0..50).map(move |i| format!("/full/{n}/{i}")))
+        .collect();
+    let total = |response: hitcounter_proto::v1::GetHitsManyResponse| -> u64 {
+        response.results.iter().map(|r| r.count).sum()
+    };
+    eventually(PATIENCE, "the accepted hits to be counted", || {
+        let mut query = query.clone();
+        let keys = keys.clone();
+        async move {
+            let response = query
+                .get_hits_many(hitcounter_proto::v1::GetHitsManyRequest {
+                    keys,
+                    window_seconds: 60,
+                    at_ms: 0,
+                })
+                .await
+                .ok()?;
+            (total(response.into_inner()) == accepted).then_some(())
+        }
+    })
+    .await?;
+    // A marker recorded after them is visible only after them (one log, in order): once it is,
+    // nothing of the refused calls can still arrive.
+    ingest
+        .clone()
+        .record_hits(batch("/full-marker", 1, ""))
+        .await?;
+    until_visible(&mut query, "/full-marker").await?;
+    let response = query
+        .get_hits_many(hitcounter_proto::v1::GetHitsManyRequest {
+            keys,
+            window_seconds: 60,
+            at_ms: 0,
+        })
+        .await?;
+    assert_eq!(
+        total(response.into_inner()),
+        accepted,
+        "refused hits were counted"
+    );
+    stack.stop().await.map_err(anyhow::Error::msg)
+}
+
+async fn until_visible(query: &mut QueryClient<Channel>, key: &str) -> anyhow::Result<()> {
+    eventually(PATIENCE, key, || {
+        let mut query = query.clone();
+        async move {
+            let n = query
+                .get_hits(GetHitsRequest {
+                    key: key.into(),
+                    window_seconds: 60,
+                    at_ms: 0,
+                })
+                .await
+                .ok()?
+                .into_inner()
+                .count;
+            (n > 0).then_some(())
+        }
+    })
+    .await
 }
