@@ -85,7 +85,8 @@ async fn start_up_error(service: Running) -> anyhow::Result<String> {
     }
 }
 
-/// Runs binary `name` with `args` until it exits by itself; returns its exit code and log.
+/// Runs binary `name` with `args` until it exits by itself; returns its exit code and its whole
+/// log (with `RUST_BACKTRACE` set, the error line sits above a long backtrace).
 async fn run_binary(
     name: &'static str,
     dir: &Path,
@@ -99,7 +100,7 @@ async fn run_binary(
             let code = service
                 .last_exit_code()
                 .ok_or_else(|| anyhow::anyhow!("{name} did not exit: {error}"))?;
-            Ok((code, service.log_tail(50)))
+            Ok((code, service.log_tail(usize::MAX)))
         }
     }
 }
@@ -208,7 +209,7 @@ async fn a_corrupt_middle_segment_stops_ingest_naming_the_file_and_offset() -> a
     assert_ne!(code, 0, "{log}");
     assert!(
         log.contains(&file) && log.contains(&format!("offset {record}")),
-        "{log}"
+        "exit code {code}, log:\n{log}"
     );
     aggregator.stop().await.map_err(anyhow::Error::msg)
 }
@@ -249,7 +250,7 @@ async fn a_damaged_newest_checkpoint_stops_the_aggregator_naming_the_file() -> a
     assert_ne!(code, 0, "{log}");
     assert!(
         log.contains(&file) && log.contains("checksum mismatch"),
-        "{log}"
+        "exit code {code}, log:\n{log}"
     );
     Ok(())
 }
