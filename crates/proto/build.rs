@@ -28,6 +28,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec, but a request that does not decode is INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::ContractCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -22,12 +22,15 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_RETENTION_SECONDS", default_value_t = 3600)]
     pub retention_seconds: u32,
 
-    /// Owner tasks the key space is split over (each owns its keys, no locks); 0 means one per
-    /// CPU core.
+    /// Owner tasks the key space is split over; 0 means one per CPU core. Each owner is the only
+    /// writer of its keys' store; reads read the stores in place under a read lock, which a
+    /// writer holds only for short steps (1024 deltas), so more owners mean more parallel writes
+    /// and shorter waits for a read.
     #[arg(long, env = "HITCOUNTER_OWNERS", default_value_t = 0)]
     pub owners: usize,
 
-    /// Commands queued per owner before callers wait (backpressure towards ingest and query).
+    /// Write batches queued per owner before the apply stream waits (backpressure towards
+    /// ingest). Reads do not queue here: they read the owner's store in place.
     #[arg(long, env = "HITCOUNTER_OWNER_MAILBOX", default_value_t = 1024)]
     pub owner_mailbox: usize,
 

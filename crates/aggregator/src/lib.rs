@@ -1,14 +1,19 @@
 //! The aggregator service: owns the sliding-window state of one shard of the key space.
 //!
 //! ```text
-//!   ingest forwarders ──Apply stream──▶ [dedup (producer, seq)] ──▶ owners[hash(key) % N] ──┐
-//!   query ──Count/Series/Top──▶ fan out to owners ──▶ fan in ◀──────────────────────────────┘
+//!   ingest forwarders ──Apply stream──▶ [dedup (producer, seq)] ──▶ owners[hash(key) % N]
+//!                                                                     (one writer task each)
+//!   query ──Count/Series/Top──▶ read each owner's store in place (read lock) ──▶ merge
 //! ```
 //!
-//! Each owner is a task with its own [`hitcounter_window::WindowStore`] and bounded mailbox (see
-//! [`owners`]); nothing on the hot path takes a lock. [`serve`] runs the gRPC server (with health,
-//! reflection and `/metrics`) until the shutdown token is cancelled, then stops reading apply
-//! streams, lets the owners drain their mailboxes and returns.
+//! Each owner is a task that is the only writer of its own [`hitcounter_window::WindowStore`],
+//! fed by a bounded write mailbox; writes of different owners never contend. The store sits in
+//! an `RwLock`: the owner takes it for writing in short steps, and reads take it for reading in
+//! their gRPC handlers, so a read never queues behind the mailbox and waits at most one write
+//! step (see [`owners`] for the measurements behind that choice). [`serve`] runs the gRPC
+//! server (with health, reflection and `/metrics`) until the shutdown token is cancelled, then
+//! stops reading apply streams, lets the owners drain their mailboxes, writes a last checkpoint
+//! and returns.
 //!
 //! State survives restarts through checkpoints (see [`checkpoint`] and the `snapshot` stage):
 //! on start the newest checkpoint is loaded, and ingest resends every batch the checkpoint does

@@ -10,7 +10,7 @@
 //! Reads do not go through the owner: the store sits in an `RwLock` that the owner takes for
 //! writing only in short steps ([`APPLY_CHUNK`] deltas, [`EVICT_CHUNK_BUCKETS`] buckets of an
 //! eviction pass), and a `Count` takes it for reading right in its gRPC handler. Measured
-//! (README, Performance): sending each read to the owner task and its answer back cost two task
+//! (docs/performance.md): sending each read to the owner task and its answer back cost two task
 //! wake-ups per `GetHits`, and a read queued behind a checkpoint copy made on the owner waited
 //! for the copy's step; now a read waits at most for one write step, and a checkpoint copies the
 //! stores under a read lock on a thread of its own ([`Owners::snapshot`]), beside the reads. A

@@ -1,7 +1,7 @@
 //! The global memory allocator of the three services: mimalloc, told to give freed memory back
 //! to the operating system at once.
 //!
-//! Why not the system allocator: measured with `hitcounter-bench` (README, Performance), glibc's
+//! Why not the system allocator: measured with `hitcounter-bench` (docs/performance.md), glibc's
 //! `malloc`/`free` took about half of ingest's CPU time (every key is a `String` in several
 //! stages), and the aggregator's resident set kept the fragments of every freed checkpoint copy,
 //! several times the window store itself. mimalloc is faster for these many small, short-lived

@@ -239,6 +239,16 @@ impl IngestService {
                     let request = match next {
                         Ok(Some(request)) => request,
                         Ok(None) => { reading = false; continue; }
+                        // A request that does not decode (e.g. a key that is not UTF-8) is
+                        // invalid like any other: it ends the stream with its status and index.
+                        Err(status) if status.code() == tonic::Code::InvalidArgument => {
+                            ending = Some(Status::invalid_argument(format!(
+                                "request #{index} of this stream: {}",
+                                status.message()
+                            )));
+                            reading = false;
+                            continue;
+                        }
                         Err(status) => {
                             tracing::debug!(%status, "hit stream broke");
                             reading = false;

@@ -4,21 +4,23 @@
 //!  RecordHit / RecordHits / StreamHits
 //!        │ validate + batch-id ledger (gRPC handlers)
 //!        ▼
-//!  [ingest_hits: bounded, in hits] ──▶ combine ──▶ [ingest_forward_<shard>: bounded] ──▶ forward
-//!                                   (sum per key,                                    (one Apply stream
-//!                                    second; split                                    per shard, via the
-//!                                    by shard)                                        client stack)
+//!  [ingest_hits: bounded, in hits] ──▶ combine ──▶ [ingest_flushes: bounded] ──▶ log ──▶ forward
+//!                                   (sum per key                              (one record  (per shard:
+//!                                    and second,                               per flush,   tail the log,
+//!                                    split by shard)                           fsync, ack)  one Apply stream)
 //! ```
 //!
-//! Hits are acknowledged once they are in the pipeline; every stage-to-stage hand-off is a
-//! bounded channel, so a slow or unavailable aggregator fills the buffers and the edge pushes
-//! back (`RESOURCE_EXHAUSTED` for unary calls after the enqueue timeout, flow control for
-//! streams) instead of growing memory. [`serve`] runs until the shutdown token is cancelled,
-//! then stops accepting, drains every acknowledged hit to the aggregators (up to the drain
-//! deadline) and returns.
-//!
-//! Acknowledged hits are held in memory until delivered: a crash (not a clean stop) loses the
-//! undelivered ones. The durable log that removes that window is planned work.
+//! A request is acknowledged only once its hits are in the durable log (`hitcounter-wal`):
+//! under `--fsync always` after the fsync that covers them (one fsync for every request of a
+//! flush), under `interval`/`never` after the write. Forwarders send the log's records to the
+//! aggregators as (producer id, sequence number), so a resent record applies once, and the log
+//! is trimmed only up to what the aggregators' checkpoints hold: a crash of any process loses
+//! nothing acknowledged. Every stage-to-stage hand-off is a bounded channel, so a slow disk
+//! pushes back (`RESOURCE_EXHAUSTED` for unary calls after the enqueue timeout, flow control for
+//! streams); a slow or unavailable aggregator does not, up to the log's disk budget. [`serve`]
+//! runs until the shutdown token is cancelled, then stops accepting, delivers what it can to the
+//! aggregators (up to the drain deadline) and returns; what is left stays in the log for the
+//! next start.
 
 pub mod config;
 pub mod validate;
@@ -105,7 +107,22 @@ pub async fn serve(
         hitcounter_pipeline::channel("ingest_flushes", config.flush_channel_capacity);
     let mut forwarders = JoinSet::new();
     let mut links = Vec::with_capacity(shards);
-    let on_disk = stages::log::lock(&logs).main.durable_seq();
+    let (first, on_disk) = {
+        let logs = stages::log::lock(&logs);
+        (logs.main.first_seq(), logs.main.durable_seq())
+    };
+    if on_disk >= first {
+        // The log is trimmed by whole segments, and only up to what the aggregators'
+        // checkpoints hold, so records delivered before the last stop (even a clean one) are
+        // still here and are sent again: say so, since it looks like lost work otherwise.
+        tracing::info!(
+            records = on_disk - first + 1,
+            first,
+            last = on_disk,
+            "resending the records the log still holds; the aggregators acknowledge those they \
+             already hold as duplicates and count each record once"
+        );
+    }
     let (written_tx, written_rx) = tokio::sync::watch::channel(on_disk);
     let mut durable_rxs = Vec::with_capacity(shards);
     for (shard, channel) in channels.into_iter().enumerate() {

@@ -42,7 +42,7 @@ impl Config {
     /// (decode, fan out, merge), so one thread keeps up with far more than its share of a
     /// machine, and every extra worker costs a wake-up of a parked thread on the request path:
     /// on the 2-core benchmark machine one worker cut `GetHits` p99 from 1.7 to 0.6–0.8 ms
-    /// unloaded and from 1.4 to 1.2 ms under ingest (README, Performance).
+    /// unloaded and from 1.4 to 1.2 ms under ingest (docs/performance.md).
     pub const DEFAULT_WORKERS: DefaultWorkers = DefaultWorkers::Fixed(std::num::NonZeroUsize::MIN);
 
     /// Default `/metrics` address of query.

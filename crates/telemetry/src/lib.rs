@@ -37,13 +37,13 @@ pub struct ServiceArgs {
     #[arg(long, env = "HITCOUNTER_DRAIN_TIMEOUT_SECONDS", default_value_t = 30)]
     pub drain_timeout_seconds: u64,
 
-    /// Largest gRPC message accepted, in bytes. Larger messages get RESOURCE_EXHAUSTED from tonic,
-    /// and the service goes on.
+    /// Largest gRPC message accepted, in bytes. A larger request fails with OUT_OF_RANGE ("decoded
+    /// message length too large", from tonic) and the service goes on.
     #[arg(long, env = "HITCOUNTER_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
     /// Tokio worker threads. Default: one per core for ingest and the aggregator, 1 for query
-    /// (an I/O-bound router; see the README's Performance section for why one thread answers
+    /// (an I/O-bound router; see docs/performance.md for why one thread answers
     /// faster there). Scale query out with more replicas, or up with this flag.
     #[arg(long, env = "HITCOUNTER_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,

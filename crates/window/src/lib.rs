@@ -202,8 +202,10 @@ pub enum StoreError {
     },
 }
 
-/// The hash state of a store's table: `foldhash`, seeded per store.
-type HashState = foldhash::fast::RandomState;
+/// The hash state of a store's table: `foldhash`, seeded at random per store. The seedable
+/// variant (16 bytes instead of 8, once per store) lets tests replay a seed: how keys fall into
+/// buckets decides when tables grow and shrink, and a bug there showed for 1 seed in 40.
+type HashState = foldhash::fast::SeedableRandomState;
 
 /// Tables the keys are split over (see the [crate docs](crate)); a power of two.
 pub const SUB_TABLES: usize = 16;
@@ -246,9 +248,19 @@ impl WindowStore {
             tables: (0..SUB_TABLES)
                 .map(|_| hashbrown::HashTable::new())
                 .collect(),
-            hash_state: HashState::default(),
+            hash_state: HashState::random(),
             counters: 0,
             entry_bytes: 0,
+        }
+    }
+
+    /// An empty store whose key hashes come from `seed` instead of a random seed, so that a
+    /// test sees the same table layout on every run.
+    #[cfg(test)]
+    pub(crate) fn with_hash_seed(limits: StoreLimits, seed: u64) -> Self {
+        Self {
+            hash_state: HashState::with_seed(seed, foldhash::SharedSeed::global_fixed()),
+            ..Self::new(limits)
         }
     }
 
@@ -504,9 +516,12 @@ impl WindowStore {
             if end < table.num_buckets() {
                 return false;
             }
-            // This table is done: shrink it if less than a quarter full (that
-            // reorders it, and nothing of it is visited again in this pass).
-            if table.len() < table.capacity() / 4 {
+            // This table is done: shrink it if less than a quarter of its buckets
+            // hold a key (that reorders it, and nothing of it is visited again in
+            // this pass). Compared with the buckets, not `capacity()`: hashbrown's
+            // capacity leaves out the slots of removed keys, so a nearly full table
+            // emptied by eviction has capacity 0 and would keep its memory.
+            if table.len() < table.num_buckets() / 4 {
                 let hash_state = &self.hash_state;
                 table.shrink_to_fit(|entry| hash_state.hash_one(entry.key()));
             }
@@ -830,27 +845,39 @@ mod unit_tests {
         Ok(())
     }
 
+    /// Memory follows live data: after evicting most counters the store holds less than half,
+    /// and after evicting every key almost nothing. How keys fall into buckets decides how full
+    /// each key table got and how many deleted slots eviction leaves in it, so the test runs
+    /// over a fixed set of hash seeds instead of one random seed per run. Seeds 88, 122, 129, 134,
+    /// 221 and 254 of these 256 left an emptied key table with its whole allocation while the shrink
+    /// condition compared with `capacity()`, which does not count deleted slots as free.
     #[test]
     fn evict_releases_memory() -> Result<(), StoreError> {
-        let mut s = store();
-        for key in 0..1000 {
-            for second in 0..20 {
-                s.add(&format!("key-{key}"), second, 1)?;
+        for seed in 0..256 {
+            let mut s = WindowStore::with_hash_seed(StoreLimits::default(), seed);
+            for key in 0..1000 {
+                for second in 0..20 {
+                    s.add(&format!("key-{key}"), second, 1)?;
+                }
             }
+            let full = s.approx_heap_bytes();
+            // 20 000 counters at 8 bytes, plus per-key overhead.
+            assert!(full >= 20_000 * 8, "seed {seed}: {full}");
+            s.evict_before(19);
+            assert_eq!(s.counter_count(), 1000);
+            assert!(
+                s.approx_heap_bytes() < full / 2,
+                "seed {seed}: {}",
+                s.approx_heap_bytes()
+            );
+            s.evict_before(20);
+            assert_eq!(s.key_count(), 0);
+            assert!(
+                s.approx_heap_bytes() < 1024,
+                "seed {seed}: {}",
+                s.approx_heap_bytes()
+            );
         }
-        let full = s.approx_heap_bytes();
-        // 20 000 counters at 8 bytes, plus per-key overhead.
-        assert!(full >= 20_000 * 8, "{full}");
-        s.evict_before(19);
-        assert_eq!(s.counter_count(), 1000);
-        assert!(
-            s.approx_heap_bytes() < full / 2,
-            "{}",
-            s.approx_heap_bytes()
-        );
-        s.evict_before(20);
-        assert_eq!(s.key_count(), 0);
-        assert!(s.approx_heap_bytes() < 1024, "{}", s.approx_heap_bytes());
         Ok(())
     }
 
