@@ -39,20 +39,21 @@ enum Behaviour {
 struct Shard {
     behaviour: Arc<Mutex<Behaviour>>,
     calls: Arc<AtomicUsize>,
-    entered: mpsc::UnboundedSender<()>,
+    entered: mpsc::Sender<()>,
     gate: Arc<Semaphore>,
 }
 
 struct Harness {
     shard: Shard,
-    entered: mpsc::UnboundedReceiver<()>,
+    entered: mpsc::Receiver<()>,
     stack: ClientStack<(), ()>,
     breaker: BreakerHandle,
 }
 
 impl Harness {
     fn new(config: StackConfig) -> Self {
-        let (entered_tx, entered) = mpsc::unbounded_channel();
+        // Room for every entry a test makes before it reads them (at most 3).
+        let (entered_tx, entered) = mpsc::channel(16);
         let shard = Shard {
             behaviour: Arc::new(Mutex::new(Behaviour::Succeed)),
             calls: Arc::default(),
@@ -70,7 +71,7 @@ impl Harness {
                         Behaviour::Succeed => Ok(()),
                         Behaviour::Fail(code) => Err(Status::new(code, "scripted failure")),
                         Behaviour::Hold => {
-                            let _ = shard.entered.send(());
+                            let _ = shard.entered.try_send(());
                             shard
                                 .gate
                                 .acquire()
