@@ -35,6 +35,33 @@ pub struct Running {
 }
 
 impl Running {
+    /// Waits until the service answers SERVING, or reports why `serve` returned instead (a
+    /// start-up failure such as a full disk shows as that error, not as "connection refused" in
+    /// whatever the test does next).
+    ///
+    /// # Errors
+    /// When `serve` returned, or nothing answered within a minute (a hang guard).
+    pub async fn ready(&mut self, what: &str) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.task.is_finished() {
+                let served = (&mut self.task).await?;
+                anyhow::bail!("{what} stopped while starting: {served:?}");
+            }
+            if process::serving(self.addr, Duration::from_millis(100))
+                .await
+                .is_ok()
+            {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{what} at {} is not SERVING after a minute",
+                self.addr
+            );
+        }
+    }
+
     /// Shuts the service down and waits for `serve` to return.
     pub async fn stop(self) -> Result<(), String> {
         self.shutdown.cancel();
@@ -183,8 +210,13 @@ impl Stack {
             aggregators.push(aggregator);
         }
         let link_addrs: Vec<_> = links.iter().map(|l| l.addr).collect();
-        let ingest = start_ingest(&link_addrs, &options.ingest).await?;
-        let query = start_query(&link_addrs, &options.query).await?;
+        let mut ingest = start_ingest(&link_addrs, &options.ingest).await?;
+        let mut query = start_query(&link_addrs, &options.query).await?;
+        for (n, aggregator) in aggregators.iter_mut().enumerate() {
+            aggregator.ready(&format!("aggregator {n}")).await?;
+        }
+        ingest.ready("ingest").await?;
+        query.ready("query").await?;
         Ok(Self {
             aggregators,
             links,

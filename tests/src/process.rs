@@ -35,30 +35,65 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A free loopback port (bound and released; the service binds it again).
-pub fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+/// A loopback address on which nothing listens, for "cannot reach" tests.
+///
+/// The port stays bound (but not listening) for as long as the value lives, so no other process
+/// or test can take it in the meantime: a connection to it is refused, every time. (Binding a
+/// port and releasing it, then hoping it stays free, races with every other process on the
+/// machine that binds an ephemeral port.)
+pub struct ClosedPort {
+    /// Bound without `listen()`: connections are refused, and nobody else can bind the port.
+    _socket: tokio::net::TcpSocket,
+    /// The address.
+    pub addr: SocketAddr,
+}
+
+impl ClosedPort {
+    /// Binds a loopback port without listening on it.
+    ///
+    /// # Errors
+    /// When no socket can be created or bound.
+    pub fn bind() -> anyhow::Result<Self> {
+        // No SO_REUSEADDR (`TcpSocket::new_v4` sets none), so another socket cannot bind the
+        // port while we hold it.
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind("127.0.0.1:0".parse()?)?;
+        let addr = socket.local_addr()?;
+        Ok(Self {
+            _socket: socket,
+            addr,
+        })
+    }
 }
 
 /// A service binary that can be started, killed and started again with the same arguments.
+///
+/// It listens on `127.0.0.1:0` and the harness reads the address it bound from its start-up log
+/// line (`... serving addr=Some(127.0.0.1:PORT)`), so no port is ever chosen by the test and
+/// released for the child to bind again (which races with every other process binding ephemeral
+/// ports). A restart gets a new address: put a [`crate::LinkProxy`] in front of a service whose
+/// peers need one stable address across restarts, and [`crate::LinkProxy::retarget`] it.
 pub struct Service {
     name: &'static str,
     args: Vec<String>,
     dir: PathBuf,
     child: Option<Child>,
-    /// Its gRPC address.
-    pub addr: SocketAddr,
+    addr: Option<SocketAddr>,
+    /// The exit code of a start that ended before serving.
+    exited: Option<i32>,
 }
 
 impl Service {
-    /// A service `name` listening on `addr`, run in `dir` with `args` (plus `--listen` and no
-    /// metrics endpoint). Not started yet.
-    pub fn new(name: &'static str, addr: SocketAddr, dir: &Path, args: &[String]) -> Self {
+    /// A service `name` run in `dir` with `args` (plus `--listen 127.0.0.1:0`, no metrics
+    /// endpoint and text logs). Not started yet.
+    pub fn new(name: &'static str, dir: &Path, args: &[String]) -> Self {
         let mut all = vec![
             "--listen".to_owned(),
-            addr.to_string(),
+            "127.0.0.1:0".to_owned(),
             "--metrics-listen".to_owned(),
             "off".to_owned(),
+            "--log-format".to_owned(),
+            "text".to_owned(),
         ];
         all.extend_from_slice(args);
         Self {
@@ -66,34 +101,87 @@ impl Service {
             args: all,
             dir: dir.to_owned(),
             child: None,
-            addr,
+            addr: None,
+            exited: None,
         }
     }
 
-    /// Starts the process; its stderr goes to `<dir>/<name>.log` (appended across restarts).
-    pub fn start(&mut self) -> anyhow::Result<()> {
+    fn log_path(&self) -> PathBuf {
+        self.dir.join(format!("{}.log", self.name))
+    }
+
+    /// Starts the process and waits for its start-up log line; returns the gRPC address it
+    /// bound. Its stderr goes to `<dir>/<name>.log` (appended across restarts).
+    ///
+    /// # Errors
+    /// When the process cannot be spawned, exits before serving (the error holds its log), or
+    /// logs no address within a minute (a hang guard, not a timing goal).
+    pub async fn start(&mut self) -> anyhow::Result<SocketAddr> {
         std::fs::create_dir_all(&self.dir)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join(format!("{}.log", self.name)))?;
+            .open(self.log_path())?;
+        // Only lines written by this start count.
+        let from = log.metadata()?.len();
+        // The start-up line is logged at info: make sure a RUST_LOG of the caller keeps it.
+        let crate_target = self.name.replace('-', "_");
+        let filter = match std::env::var("RUST_LOG") {
+            Ok(filter) => format!("{filter},{crate_target}=info"),
+            Err(_) => "info".to_owned(),
+        };
         let child = Command::new(binary(self.name)?)
             .args(&self.args)
             .current_dir(&self.dir)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
+            .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
         self.child = Some(child);
-        Ok(())
+        self.addr = None;
+        self.exited = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let text = std::fs::read(self.log_path())?;
+            let new = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default());
+            if let Some(addr) = new.lines().find_map(bound_address) {
+                self.addr = Some(addr);
+                return Ok(addr);
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    self.exited = status.code();
+                    anyhow::bail!(
+                        "{} exited with {status} before serving:\n{}",
+                        self.name,
+                        self.log_tail(30)
+                    );
+                }
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} logged no listen address within a minute:\n{}",
+                self.name,
+                self.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The gRPC address of the running process.
+    ///
+    /// # Errors
+    /// When the service is not running.
+    pub fn addr(&self) -> anyhow::Result<SocketAddr> {
+        self.addr
+            .ok_or_else(|| anyhow::anyhow!("{} is not running", self.name))
     }
 
     /// `kill -9`: no chance to drain or write anything.
     pub fn kill9(&mut self) -> anyhow::Result<()> {
+        self.addr = None;
         if let Some(mut child) = self.child.take() {
             child.kill()?;
             child.wait()?;
@@ -103,6 +191,7 @@ impl Service {
 
     /// SIGTERM, then waits for the exit code.
     pub fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
+        self.addr = None;
         let Some(mut child) = self.child.take() else {
             return Ok(None);
         };
@@ -110,6 +199,7 @@ impl Service {
             .args(["-TERM", &child.id().to_string()])
             .status()?;
         anyhow::ensure!(status.success(), "kill failed");
+        // A process that ignores SIGTERM hangs the test otherwise; this is a hang guard.
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -123,13 +213,27 @@ impl Service {
         }
     }
 
+    /// The exit code of the last start that ended before serving (see [`Service::start`]).
+    pub fn last_exit_code(&self) -> Option<i32> {
+        self.exited
+    }
+
     /// The service's log so far, for failure messages.
     pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(self.dir.join(format!("{}.log", self.name)))
-            .unwrap_or_default();
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
         all[all.len().saturating_sub(lines)..].join("\n")
     }
+}
+
+/// The address in a service's start-up line, `... serving addr=Some(127.0.0.1:PORT) ...`.
+fn bound_address(line: &str) -> Option<SocketAddr> {
+    if !line.contains(" serving ") {
+        return None;
+    }
+    let (_, rest) = line.split_once("addr=Some(")?;
+    let (addr, _) = rest.split_once(')')?;
+    addr.parse().ok()
 }
 
 impl Drop for Service {

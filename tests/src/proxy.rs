@@ -24,6 +24,8 @@ pub struct LinkProxy {
     /// Where clients connect.
     pub addr: SocketAddr,
     mode: watch::Sender<LinkMode>,
+    /// Where new connections are relayed to; existing ones keep their upstream.
+    upstream: watch::Sender<SocketAddr>,
 }
 
 impl LinkProxy {
@@ -32,16 +34,28 @@ impl LinkProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (mode, mode_rx) = watch::channel(LinkMode::Pass);
+        let (upstream, upstream_rx) = watch::channel(upstream);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if *mode_rx.borrow() == LinkMode::Refuse {
                     drop(client);
                     continue;
                 }
+                let upstream = *upstream_rx.borrow();
                 tokio::spawn(relay(client, upstream, mode_rx.clone()));
             }
         });
-        Ok(Self { addr, mode })
+        Ok(Self {
+            addr,
+            mode,
+            upstream,
+        })
+    }
+
+    /// Relays new connections to `upstream` from now on (a restarted service on its new
+    /// address), so that its peers keep one stable address: this relay's.
+    pub fn retarget(&self, upstream: SocketAddr) {
+        self.upstream.send_replace(upstream);
     }
 
     /// Switches the relay's behaviour.

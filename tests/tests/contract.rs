@@ -25,11 +25,17 @@ async fn count(query: &mut Query, key: &str, window_seconds: u32, at_ms: i64) ->
         .count
 }
 
-/// Waits until `key` has `expected` hits in the window (the 1 s visibility promise).
+/// How long a test waits for acknowledged hits to show up before it reports them missing. A
+/// hang guard, not the visibility promise: the 1 s visibility goal is measured by the benchmark
+/// (`hitcounter-bench`), not asserted here. Every service and the client share one
+/// current-thread runtime in these tests, so on a loaded machine a second is no guarantee, and a
+/// 1 s deadline made the tests fail on a slow run rather than on lost hits.
+const VISIBLE_WITHIN: Duration = Duration::from_secs(30);
+
+/// Waits until `key` has `expected` hits in the window.
 async fn until_count(query: &mut Query, key: &str, window: u32, at_ms: i64, expected: u64) {
-    let mut last = 0;
     let seen = eventually(
-        Duration::from_secs(1),
+        VISIBLE_WITHIN,
         "acknowledged hits to become visible",
         || {
             let mut query = query.clone();
@@ -42,9 +48,9 @@ async fn until_count(query: &mut Query, key: &str, window: u32, at_ms: i64, expe
     )
     .await;
     if seen.is_err() {
-        last = count(query, key, window, at_ms).await;
+        let last = count(query, key, window, at_ms).await;
+        panic!("{key}: expected {expected} hits, have {last}");
     }
-    assert!(seen.is_ok(), "{key}: expected {expected} hits, have {last}");
 }
 
 fn hit(key: &str, timestamp_ms: i64, count: u64) -> Hit {
@@ -341,8 +347,16 @@ async fn top_keys_orders_filters_and_limits() -> anyhow::Result<()> {
     hits.extend((0..15).map(|i| hit(&format!("/c/{i:02}"), 0, 2)));
     // An old hit outside the window.
     hits.push(hit("/a/old", now_ms() - 120_000, 100));
-    record(&mut ingest, hits, "").await?;
+    record(&mut ingest, hits.clone(), "").await?;
+    // 1005 keys with one hit each, so that the clamp of the limit to 1000 has more than 1000
+    // keys to cut: 1025 keys in the window in all.
+    let many: Vec<Hit> = (0..1005)
+        .map(|i| hit(&format!("/many/{i:04}"), 0, 1))
+        .collect();
+    record(&mut ingest, many.clone(), "").await?;
+    hits.extend(many);
     until_count(&mut query, "/c/14", 60, 0, 2).await;
+    until_count(&mut query, "/many/1004", 60, 0, 1).await;
     until_count(&mut query, "/a/old", 300, 0, 100).await;
 
     let top = |limit, prefix: &str| TopKeysRequest {
@@ -372,14 +386,26 @@ async fn top_keys_orders_filters_and_limits() -> anyhow::Result<()> {
     let got: Vec<&str> = response.keys.iter().map(|k| k.key.as_str()).collect();
     assert_eq!(got, ["/a/y", "/a/x"]);
 
-    // Limits above 1000 are lowered to 1000; every key with count > 0 fits.
-    let response = query.top_keys(top(5000, "")).await?.into_inner();
-    assert_eq!(
-        response.keys.len(),
-        20,
-        "21 keys hit, /a/old is outside 60 s"
-    );
-    assert!(response.keys.iter().all(|k| k.count > 0));
+    // Limits above 1000 are lowered to 1000: of the 1025 keys in the window (/a/old is outside
+    // 60 s), the first 1000 in order.
+    let mut in_window: Vec<(String, u64)> = hits
+        .iter()
+        .filter(|h| h.key != "/a/old")
+        .map(|h| (h.key.clone(), h.count))
+        .collect();
+    in_window.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    assert_eq!(in_window.len(), 1025);
+    in_window.truncate(1000);
+    for limit in [1000, 1001, 5000] {
+        let response = query.top_keys(top(limit, "")).await?.into_inner();
+        let got: Vec<(String, u64)> = response
+            .keys
+            .iter()
+            .map(|k| (k.key.clone(), k.count))
+            .collect();
+        assert_eq!(got.len(), 1000, "limit {limit}");
+        assert!(got == in_window, "limit {limit}: not the top 1000 in order");
+    }
     stack.stop().await.map_err(anyhow::Error::msg)
 }
 
@@ -431,7 +457,7 @@ async fn watch_hits_sends_at_once_then_every_interval() -> anyhow::Result<()> {
         .into_inner();
     assert_eq!(watch.message().await?.expect("first").window_seconds, 300);
     stack.query.shutdown.cancel();
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+    let ended = tokio::time::timeout(VISIBLE_WITHIN, async {
         loop {
             match watch.message().await {
                 Ok(Some(_)) => continue,
@@ -686,12 +712,21 @@ async fn batch_ids_are_idempotent() -> anyhow::Result<()> {
     assert!(record(&mut ingest, bad, "batch-2").await.is_err());
     assert_eq!(record(&mut ingest, batch(), "batch-2").await?, (5, false));
 
-    // Concurrent repeats of one id: exactly one is counted.
+    // Concurrent repeats of one id: exactly one is counted. A repeat that arrives while the
+    // first is still being recorded waits for it up to the enqueue timeout and then answers
+    // ABORTED ("retry to learn its outcome"): a careful client retries, and so does this test.
+    // (Expecting every repeat to be answered within that one second made the test depend on
+    // how fast a loaded machine records the first.)
     let mut calls = Vec::new();
     for _ in 0..8 {
         let mut ingest = ingest.clone();
         calls.push(tokio::spawn(async move {
-            record(&mut ingest, batch(), "batch-3").await
+            loop {
+                match record(&mut ingest, batch(), "batch-3").await {
+                    Err(status) if status.code() == Code::Aborted => continue,
+                    answer => return answer,
+                }
+            }
         }));
     }
     let mut fresh = 0;
@@ -777,27 +812,23 @@ async fn concurrent_streams_give_exact_totals() -> anyhow::Result<()> {
         .sum();
     assert_eq!(acked, expected);
     let keys: Vec<String> = (0..37).map(|i| format!("/conc/{i}")).collect();
-    eventually(
-        Duration::from_secs(2),
-        "every acked hit to be counted",
-        || {
-            let mut query = query.clone();
-            let keys = keys.clone();
-            async move {
-                let response = query
-                    .get_hits_many(GetHitsManyRequest {
-                        keys,
-                        window_seconds: 60,
-                        at_ms: 0,
-                    })
-                    .await
-                    .ok()?
-                    .into_inner();
-                let total: u64 = response.results.iter().map(|r| r.count).sum();
-                (total == expected).then_some(())
-            }
-        },
-    )
+    eventually(VISIBLE_WITHIN, "every acked hit to be counted", || {
+        let mut query = query.clone();
+        let keys = keys.clone();
+        async move {
+            let response = query
+                .get_hits_many(GetHitsManyRequest {
+                    keys,
+                    window_seconds: 60,
+                    at_ms: 0,
+                })
+                .await
+                .ok()?
+                .into_inner();
+            let total: u64 = response.results.iter().map(|r| r.count).sum();
+            (total == expected).then_some(())
+        }
+    })
     .await?;
     let response = query
         .get_hits_many(GetHitsManyRequest {
@@ -827,7 +858,10 @@ async fn client_crate_recorder_round_trip() -> anyhow::Result<()> {
     let recorder = client
         .recorder(hitcounter_client::RecorderOptions {
             max_batch: 100,
-            max_delay: Duration::from_millis(5),
+            // Batches are cut by size, `flush` and `close` only, so their number is exact. With
+            // a 5 ms delay a pause of the (shared, current-thread) runtime between two records
+            // sent a partial batch, and the count of 14 below depended on the machine's speed.
+            max_delay: Duration::from_secs(3600),
             ..Default::default()
         })
         .await?;

@@ -25,7 +25,8 @@ use std::{
 
 use hitcounter_integration_tests::{
     connect, eventually,
-    process::{free_port, serving, Service},
+    process::{serving, ClosedPort, Service},
+    LinkMode, LinkProxy,
 };
 use hitcounter_proto::v1::{
     ingest_client::IngestClient, query_client::QueryClient, GetHitsManyRequest, Hit,
@@ -142,18 +143,25 @@ async fn kill_nine_any_service_loses_nothing_and_counts_nothing_twice() -> anyho
     let mut rng = StdRng::seed_from_u64(seed);
 
     let data = tempfile::tempdir()?;
-    let (a, i, q) = (free_port()?, free_port()?, free_port()?);
-    let upstream = format!("http://{a}");
+    // Each service listens on a port of its own choosing (read from its log), and its peers
+    // reach it through a relay of this test's, bound before anything starts: a restarted
+    // service gets a new port and the relay is pointed at it. Nothing here ever releases a
+    // port and hopes to bind it again.
+    let placeholder = ClosedPort::bind()?;
+    let (a, i, q) = (
+        LinkProxy::start(placeholder.addr).await?,
+        LinkProxy::start(placeholder.addr).await?,
+        LinkProxy::start(placeholder.addr).await?,
+    );
+    let upstream = format!("http://{}", a.addr);
     let common = |extra: &[&str]| -> Vec<String> { extra.iter().map(|s| s.to_string()).collect() };
     let mut aggregator = Service::new(
         "hitcounter-aggregator",
-        a,
         &data.path().join("aggregator"),
         &common(&["--data-dir", ".", "--checkpoint-interval-ms", "300"]),
     );
     let mut ingest = Service::new(
         "hitcounter-ingest",
-        i,
         &data.path().join("ingest"),
         &common(&[
             "--data-dir",
@@ -168,16 +176,16 @@ async fn kill_nine_any_service_loses_nothing_and_counts_nothing_twice() -> anyho
     );
     let mut query = Service::new(
         "hitcounter-query",
-        q,
         &data.path().join("query"),
         &common(&["--aggregator", &upstream, "--breaker-cooldown-ms", "200"]),
     );
-    aggregator.start()?;
-    ingest.start()?;
-    query.start()?;
-    for addr in [a, i, q] {
-        serving(addr, Duration::from_secs(30)).await?;
+    a.retarget(aggregator.start().await?);
+    i.retarget(ingest.start().await?);
+    q.retarget(query.start().await?);
+    for link in [&a, &i, &q] {
+        serving(link.addr, Duration::from_secs(30)).await?;
     }
+    let (ingest_addr, query_addr) = (i.addr, q.addr);
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally: Tally = Arc::default();
@@ -185,7 +193,7 @@ async fn kill_nine_any_service_loses_nothing_and_counts_nothing_twice() -> anyho
     let drivers: Vec<_> = (0..2)
         .map(|client| {
             tokio::spawn(drive(
-                i,
+                ingest_addr,
                 client,
                 seed,
                 Arc::clone(&stop),
@@ -211,17 +219,25 @@ async fn kill_nine_any_service_loses_nothing_and_counts_nothing_twice() -> anyho
         for target in targets {
             tokio::time::sleep(Duration::from_millis(rng.random_range(200..1200))).await;
             let before = acked.load(Ordering::Relaxed);
-            let service = match target {
-                "aggregator" => &mut aggregator,
-                "ingest" => &mut ingest,
-                _ => &mut query,
+            let (service, link) = match target {
+                "aggregator" => (&mut aggregator, &a),
+                "ingest" => (&mut ingest, &i),
+                _ => (&mut query, &q),
             };
+            // While it is down its peers find nothing behind the relay (as with a dead port),
+            // and never an unrelated process that took its old port meanwhile.
+            link.set(LinkMode::Refuse);
             service.kill9()?;
             let down = Duration::from_millis(rng.random_range(50..600));
             tokio::time::sleep(down).await;
-            service.start()?;
-            let addr = service.addr;
-            if let Err(error) = serving(addr, Duration::from_secs(30)).await {
+            let started = service.start().await;
+            let addr = match started {
+                Ok(addr) => addr,
+                Err(error) => panic!("{target} did not come back: {error}"),
+            };
+            link.retarget(addr);
+            link.set(LinkMode::Pass);
+            if let Err(error) = serving(link.addr, Duration::from_secs(30)).await {
                 panic!(
                     "{target} did not come back: {error}\n{}",
                     service.log_tail(30)
@@ -254,12 +270,12 @@ async fn kill_nine_any_service_loses_nothing_and_counts_nothing_twice() -> anyho
         "counts to equal the acked tally",
         || {
             let expected = expected.clone();
-            async move { (counts(q).await.ok()? == expected).then_some(()) }
+            async move { (counts(query_addr).await.ok()? == expected).then_some(()) }
         },
     )
     .await;
     if let Err(error) = converged {
-        let got = counts(q).await.unwrap_or_default();
+        let got = counts(query_addr).await.unwrap_or_default();
         let mut diff: Vec<_> = (0..KEYS)
             .map(key)
             .filter_map(|k| {

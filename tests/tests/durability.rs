@@ -35,7 +35,7 @@ async fn count(query: &Running, key: &str) -> anyhow::Result<u64> {
 
 async fn until_count(query: &Running, key: &str, expected: u64) -> anyhow::Result<()> {
     eventually(
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         &format!("{key} to reach {expected}"),
         || async move { (count(query, key).await.ok()? == expected).then_some(()) },
     )
@@ -200,28 +200,44 @@ async fn a_torn_log_tail_is_cut_and_everything_before_it_counts() -> anyhow::Res
 
 #[tokio::test]
 async fn a_caller_that_gives_up_does_not_release_its_batch_id() -> anyhow::Result<()> {
-    // Flushes every 1.5 s, so the caller's 200 ms deadline passes while its hits are queued.
+    // Flushes every 1.5 s, so the caller can give up while its hits are queued.
     let aggregator = start_aggregator(&[]).await?;
     let ingest = start_ingest(&[aggregator.addr], &["--combine-interval-ms", "1500"]).await?;
     let query = start_query(&[aggregator.addr], &[]).await?;
     let mut client = ingest_client(&ingest).await?;
-    let mut impatient = tonic::Request::new(batch("/impatient", 5, "gave-up"));
-    impatient.set_timeout(Duration::from_millis(200));
-    let status = client.record_hits(impatient).await.expect_err("deadline");
-    println!("first attempt: {status:?}");
+    let impatient = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.record_hits(batch("/impatient", 5, "gave-up")).await }
+    });
+    // The caller gives up once its hits are in the pipeline (the combine stage took them).
+    // (It used to give up after a 200 ms deadline, which on a slow machine could pass before
+    // the hits were enqueued: the id was then rightly released and the retry was not a
+    // duplicate.)
+    let metrics = ingest.metrics_addr;
+    eventually(
+        Duration::from_secs(30),
+        "the first attempt's hits to be in the pipeline",
+        || async move {
+            let text = scrape(metrics).await.ok()?;
+            let combined = metric_value(&text, "hitcounter_ingest_combined_hits_total", &[])?;
+            (combined >= 1.0).then_some(())
+        },
+    )
+    .await?;
+    anyhow::ensure!(!impatient.is_finished(), "the first attempt was answered");
+    impatient.abort();
     // The retry learns that the first attempt's hits are in (after ABORTED "still being
     // recorded" answers while the first attempt's flush is pending, which a client retries).
-    let retry = eventually(Duration::from_secs(10), "the retry to be answered", || {
-        let mut client = client.clone();
-        async move {
-            client
-                .record_hits(batch("/impatient", 5, "gave-up"))
-                .await
-                .ok()
+    // Only ABORTED is retried: any other error fails the test.
+    let retry = loop {
+        match client.record_hits(batch("/impatient", 5, "gave-up")).await {
+            Ok(answer) => break answer.into_inner(),
+            Err(status) if status.code() == tonic::Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(status) => anyhow::bail!("the retry failed: {status:?}"),
         }
-    })
-    .await?
-    .into_inner();
+    };
     assert_eq!((retry.accepted, retry.duplicate), (5, true));
     until_count(&query, "/impatient", 5).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -239,10 +255,10 @@ async fn a_data_directory_serves_one_process_at_a_time() -> anyhow::Result<()> {
     // `start_*` returns before `serve` has taken the lock: wait until the first one serves, or
     // the second could take the directory first.
     let aggregator = start_aggregator(&["--data-dir", &dir]).await?;
-    hitcounter_integration_tests::process::serving(aggregator.addr, Duration::from_secs(10))
+    hitcounter_integration_tests::process::serving(aggregator.addr, Duration::from_secs(30))
         .await?;
     let second_aggregator = start_aggregator(&["--data-dir", &dir]).await?;
-    let refused = tokio::time::timeout(Duration::from_secs(10), second_aggregator.task).await??;
+    let refused = tokio::time::timeout(Duration::from_secs(30), second_aggregator.task).await??;
     assert!(
         refused
             .as_ref()
@@ -251,9 +267,9 @@ async fn a_data_directory_serves_one_process_at_a_time() -> anyhow::Result<()> {
     );
     let ingest_dir = data.path().join("ingest").display().to_string();
     let ingest = start_ingest(&[aggregator.addr], &["--data-dir", &ingest_dir]).await?;
-    hitcounter_integration_tests::process::serving(ingest.addr, Duration::from_secs(10)).await?;
+    hitcounter_integration_tests::process::serving(ingest.addr, Duration::from_secs(30)).await?;
     let second_ingest = start_ingest(&[aggregator.addr], &["--data-dir", &ingest_dir]).await?;
-    let refused = tokio::time::timeout(Duration::from_secs(10), second_ingest.task).await??;
+    let refused = tokio::time::timeout(Duration::from_secs(30), second_ingest.task).await??;
     assert!(
         refused
             .as_ref()
@@ -295,15 +311,24 @@ async fn an_idle_aggregator_skips_checkpoints_until_something_is_applied() -> an
     client.record_hits(batch("/idle", 1, "idle-1")).await?;
     until_count(&query, "/idle", 1).await?;
 
-    // Once the hit is in a checkpoint, the ticks that follow are skipped...
-    let (written, skipped) = eventually(
-        Duration::from_secs(10),
-        "skipped checkpoints",
-        || async move { tally().await.filter(|&(w, s)| w >= 1.0 && s >= 1.0) },
+    // The hit is applied now. A tick after this point either writes a checkpoint holding it or
+    // skips, and it skips only when the last checkpoint already holds it: so a skip counted
+    // after this point means the hit is in a checkpoint. (The test used to take "written" at the
+    // first moment it saw one write and one skip, which could be the start-up checkpoint and an
+    // idle tick before the hit arrived; the hit's own checkpoint then came later and looked
+    // like an idle rewrite.)
+    let (_, skipped_before) = tally().await.ok_or_else(|| anyhow::anyhow!("no metrics"))?;
+    eventually(
+        Duration::from_secs(30),
+        "a skipped checkpoint after the hit was applied",
+        || async move { tally().await.filter(|&(_, s)| s > skipped_before) },
     )
     .await?;
+    // A fresh scrape: the write that preceded that skip is counted in it.
+    let (written, skipped) = tally().await.ok_or_else(|| anyhow::anyhow!("no metrics"))?;
+    // ...so the ticks that follow are all skipped.
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "more skipped checkpoints",
         || async move { tally().await.filter(|&(_, s)| s >= skipped + 5.0) },
     )
@@ -318,7 +343,7 @@ async fn an_idle_aggregator_skips_checkpoints_until_something_is_applied() -> an
     client.record_hits(batch("/idle", 1, "idle-2")).await?;
     until_count(&query, "/idle", 2).await?;
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "a checkpoint of the new hit",
         || async move { tally().await.filter(|&(w, _)| w > written) },
     )

@@ -2,60 +2,15 @@
 //! exits 0. Needs the binaries built first (`cargo build --workspace --bins`, which the README's test
 //! command does); they are looked up next to this test executable, or in `HITCOUNTER_BIN_DIR`.
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{process::Command, time::Duration};
 
 use hitcounter_integration_tests::{
     connect,
-    process::{binary, free_port, serving},
+    process::{binary, serving, Service},
 };
 use hitcounter_proto::v1::{
     ingest_client::IngestClient, query_client::QueryClient, GetHitsRequest, RecordHitRequest,
 };
-
-/// Kills the child on drop, so a failed test leaves no process behind.
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Service {
-    fn start(name: &str, args: &[&str], data_dir: &std::path::Path) -> anyhow::Result<Self> {
-        let child = Command::new(binary(name)?)
-            .args(args)
-            .current_dir(data_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        Ok(Self(child))
-    }
-
-    /// Sends SIGTERM and returns the exit code.
-    fn terminate(&mut self) -> anyhow::Result<Option<i32>> {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()?;
-        anyhow::ensure!(status.success(), "kill failed");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.0.try_wait()? {
-                return Ok(status.code());
-            }
-            anyhow::ensure!(
-                std::time::Instant::now() < deadline,
-                "no exit 30 s after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
 
 #[test]
 fn help_explains_every_knob() -> anyhow::Result<()> {
@@ -94,44 +49,29 @@ fn help_explains_every_knob() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn binaries_serve_and_drain_on_sigterm() -> anyhow::Result<()> {
-    let data = std::env::temp_dir().join(format!("hitcounter-processes-{}", std::process::id()));
-    std::fs::create_dir_all(&data)?;
-    let (aggregator_addr, ingest_addr, query_addr) = (free_port()?, free_port()?, free_port()?);
-    let (a, i, q) = (
-        aggregator_addr.to_string(),
-        ingest_addr.to_string(),
-        query_addr.to_string(),
-    );
-    let upstream = format!("http://{a}");
-    let mut aggregator = Service::start(
+    let data = tempfile::tempdir()?;
+    // Every process binds 127.0.0.1:0 and the harness reads the address from its start-up log
+    // line: the aggregator first, since the others need its address.
+    let args = |extra: &[&str]| extra.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let mut aggregator = Service::new(
         "hitcounter-aggregator",
-        &["--listen", &a, "--metrics-listen", "off"],
-        &data,
-    )?;
-    let mut ingest = Service::start(
+        data.path(),
+        &args(&["--data-dir", "aggregator"]),
+    );
+    let aggregator_addr = aggregator.start().await?;
+    let upstream = format!("http://{aggregator_addr}");
+    let mut ingest = Service::new(
         "hitcounter-ingest",
-        &[
-            "--listen",
-            &i,
-            "--metrics-listen",
-            "off",
-            "--aggregator",
-            &upstream,
-        ],
-        &data,
-    )?;
-    let mut query = Service::start(
+        data.path(),
+        &args(&["--data-dir", "ingest", "--aggregator", &upstream]),
+    );
+    let ingest_addr = ingest.start().await?;
+    let mut query = Service::new(
         "hitcounter-query",
-        &[
-            "--listen",
-            &q,
-            "--metrics-listen",
-            "off",
-            "--aggregator",
-            &upstream,
-        ],
-        &data,
-    )?;
+        data.path(),
+        &args(&["--aggregator", &upstream]),
+    );
+    let query_addr = query.start().await?;
     for addr in [aggregator_addr, ingest_addr, query_addr] {
         serving(addr, Duration::from_secs(20)).await?;
     }
@@ -167,6 +107,5 @@ async fn binaries_serve_and_drain_on_sigterm() -> anyhow::Result<()> {
     );
     assert_eq!(query.terminate()?, Some(0), "query exit code");
     assert_eq!(aggregator.terminate()?, Some(0), "aggregator exit code");
-    let _ = std::fs::remove_dir_all(&data);
     Ok(())
 }

@@ -117,7 +117,7 @@ async fn a_paused_aggregator_fills_bounded_buffers_then_everything_drains() -> a
     assert!(acked > 0);
 
     // Bounded: the log stays within its budget and the hits channel within its capacity.
-    eventually(Duration::from_secs(2), "the log size metric", || async {
+    eventually(Duration::from_secs(30), "the log size metric", || async {
         let metrics = scrape(stack.ingest.metrics_addr).await.ok()?;
         metric_value(&metrics, "hitcounter_ingest_log_bytes", &[])
     })
@@ -170,7 +170,7 @@ async fn a_paused_aggregator_fills_bounded_buffers_then_everything_drains() -> a
         .map(|i| spread_hit("/bp", i, now))
         .collect();
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "the log to accept writes again",
         || {
             let mut ingest = ingest.clone();
@@ -182,7 +182,7 @@ async fn a_paused_aggregator_fills_bounded_buffers_then_everything_drains() -> a
         },
     )
     .await?;
-    until_total(&query, "/bp", acked + 50, Duration::from_secs(5)).await;
+    until_total(&query, "/bp", acked + 50, Duration::from_secs(30)).await;
     stack.stop().await.map_err(anyhow::Error::msg)
 }
 
@@ -211,7 +211,7 @@ async fn the_breaker_opens_fails_fast_and_recovers_with_exact_counts() -> anyhow
         batch_id: String::new(),
     };
     ingest.record_hits(batch(0)).await?;
-    until_total(&query, "/cb", 100, Duration::from_secs(1)).await;
+    until_total(&query, "/cb", 100, Duration::from_secs(30)).await;
 
     // A watch opened before the outage lives through it.
     let mut watch = query
@@ -231,45 +231,51 @@ async fn the_breaker_opens_fails_fast_and_recovers_with_exact_counts() -> anyhow
         window_seconds: 60,
         at_ms: 0,
     };
-    let mut codes = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let status = query
-            .get_hits(get.clone())
-            .await
-            .expect_err("the aggregator is cut off");
-        codes.push(status.code());
-        if status.message().contains("circuit open") {
-            break;
+    // Until the breaker opens every call fails UNAVAILABLE with the transport's reason; then
+    // with "circuit open", which only the breaker answers: that call was not sent to the
+    // aggregator at all (fails fast). How fast is not asserted here (a timing goal); the stack's
+    // tests check on a paused clock that an open circuit costs no time and reaches no shard.
+    let codes = std::sync::Mutex::new(Vec::new());
+    let open = eventually(Duration::from_secs(30), "query's breaker to open", || {
+        let mut query = query.clone();
+        let get = get.clone();
+        let codes = &codes;
+        async move {
+            let status = query
+                .get_hits(get)
+                .await
+                .expect_err("the aggregator is cut off");
+            codes.lock().ok()?.push(status.code());
+            status.message().contains("circuit open").then_some(status)
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "query's breaker never opened: {status:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await?;
+    let codes = codes
+        .into_inner()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?;
     assert!(codes.iter().all(|c| *c == Code::Unavailable), "{codes:?}");
-    let started = tokio::time::Instant::now();
-    let status = query.get_hits(get.clone()).await.expect_err("open");
-    println!(
-        "a GetHits with the breaker open failed in {:?}",
-        started.elapsed()
-    );
-    assert_eq!(status.code(), Code::Unavailable);
-    assert_eq!(status.message(), "aggregator unavailable: circuit open");
-    let metrics = scrape(stack.query.metrics_addr).await?;
-    assert_eq!(
-        metric_value(&metrics, "hitcounter_query_breaker_state", &["shard=\"0\""]),
-        Some(2.0),
-        "breaker state metric"
-    );
+    assert_eq!(open.code(), Code::Unavailable);
+    assert_eq!(open.message(), "aggregator unavailable: circuit open");
+    // The state metric says open. The watch below keeps probing once the cool-down has passed,
+    // so the breaker may be half-open for the length of a probe: wait for "open" rather than
+    // expecting it at one instant.
+    eventually(
+        Duration::from_secs(30),
+        "the breaker state metric to say open",
+        || async {
+            let metrics = scrape(stack.query.metrics_addr).await.ok()?;
+            let state = metric_value(&metrics, "hitcounter_query_breaker_state", &["shard=\"0\""])?;
+            (state == 2.0).then_some(())
+        },
+    )
+    .await?;
 
     // Ingest keeps accepting into its buffer meanwhile, and its own breaker opens.
     for b in 1..=5 {
         ingest.record_hits(batch(b * 100)).await?;
     }
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "ingest's breaker to open",
         || async {
             let metrics = scrape(stack.ingest.metrics_addr).await.ok()?;
@@ -285,14 +291,18 @@ async fn the_breaker_opens_fails_fast_and_recovers_with_exact_counts() -> anyhow
 
     // It comes back: breakers close, the backlog drains, counts are exact.
     stack.links[0].set(LinkMode::Pass);
-    until_total(&query, "/cb", 600, Duration::from_secs(20)).await;
-    eventually(Duration::from_secs(5), "both breakers to close", || async {
-        let q = scrape(stack.query.metrics_addr).await.ok()?;
-        let i = scrape(stack.ingest.metrics_addr).await.ok()?;
-        let q = metric_value(&q, "hitcounter_query_breaker_state", &["shard=\"0\""])?;
-        let i = metric_value(&i, "hitcounter_ingest_breaker_state", &["shard=\"0\""])?;
-        (q == 0.0 && i == 0.0).then_some(())
-    })
+    until_total(&query, "/cb", 600, Duration::from_secs(30)).await;
+    eventually(
+        Duration::from_secs(30),
+        "both breakers to close",
+        || async {
+            let q = scrape(stack.query.metrics_addr).await.ok()?;
+            let i = scrape(stack.ingest.metrics_addr).await.ok()?;
+            let q = metric_value(&q, "hitcounter_query_breaker_state", &["shard=\"0\""])?;
+            let i = metric_value(&i, "hitcounter_ingest_breaker_state", &["shard=\"0\""])?;
+            (q == 0.0 && i == 0.0).then_some(())
+        },
+    )
     .await?;
     assert_eq!(total(&mut query, "/cb").await?, 600);
     // /cb/7 got one hit per 100-hit batch: the watch sees all six, without having ended.
@@ -336,7 +346,7 @@ async fn a_clean_stop_drains_every_acknowledged_hit() -> anyhow::Result<()> {
         "ingest stopped before delivering its backlog"
     );
     stack.links[0].set(LinkMode::Pass);
-    let served = tokio::time::timeout(Duration::from_secs(20), stack.ingest.task).await??;
+    let served = tokio::time::timeout(Duration::from_secs(30), stack.ingest.task).await??;
     assert_eq!(served, Ok(()));
     assert_eq!(
         total(&mut query, "/drain").await?,

@@ -3,12 +3,11 @@
 
 use std::{
     io::{BufRead, BufReader},
-    net::SocketAddr,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use hitcounter_integration_tests::{eventually, now_ms, Stack};
+use hitcounter_integration_tests::{eventually, now_ms, process::ClosedPort, Stack};
 use hitcounter_proto::v1::GetHitsManyRequest;
 use serde_json::Value;
 
@@ -70,10 +69,10 @@ async fn against(stack: &Stack, args: &[&str]) -> Output {
     run(&all).await
 }
 
-/// An address nobody listens on.
-fn closed_port() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr")
+/// An address nobody listens on, held (bound, not listening) until the value is dropped, so no
+/// other process can start listening there while the test expects "cannot reach".
+fn closed_port() -> ClosedPort {
+    ClosedPort::bind().expect("bind a closed port")
 }
 
 /// Polls `hitctl … get KEY --json` until the count is `expected`.
@@ -347,7 +346,8 @@ async fn health_exit_codes() {
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains("NOT_FOUND"), "{out:?}");
 
-    let closed = closed_port().to_string();
+    let closed_port = closed_port();
+    let closed = closed_port.addr.to_string();
     let started = Instant::now();
     let out = run(&["health", "--addr", &closed]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
@@ -420,7 +420,8 @@ async fn server_errors_exit_1_with_code_and_message() {
     assert!(out.stderr.contains("INVALID_ARGUMENT"), "{out:?}");
     stack.stop().await.expect("stop");
 
-    let closed = closed_port().to_string();
+    let closed_port = closed_port();
+    let closed = closed_port.addr.to_string();
     let out = run(&["get", "k", "--query", &closed]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(

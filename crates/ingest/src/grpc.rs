@@ -279,8 +279,14 @@ impl IngestService {
                         }
                     }
                 }
-                // Stop reading on shutdown; what is in the window still gets its answer.
-                _ = self.shutdown.cancelled(), if reading => reading = false,
+                // Stop reading on shutdown; what is in the window still gets its answer, then
+                // the stream ends with UNAVAILABLE naming the first request not read, so that a
+                // client still sending learns to resend the rest elsewhere (a clean end would
+                // read as "all answered").
+                _ = self.shutdown.cancelled(), if reading => {
+                    reading = false;
+                    ending = Some(numbered(index, IngestError::ShuttingDown));
+                }
             }
         }
         if let Some(status) = ending {

@@ -254,3 +254,6 @@ impl<Req: Clone, Res> Policy<Req, Res, CircuitBreakerError<BoxError>> for RetryP
         Some(request.clone())
     }
 }
+
+#[cfg(test)]
+mod tests;
