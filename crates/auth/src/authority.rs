@@ -40,7 +40,9 @@ pub struct AuthArgs {
     #[arg(long, env = "HITCOUNTER_AUTH_HEALTH", requires = "tokens_file")]
     pub auth_health: bool,
 
-    /// How often the tokens file is checked for changes, in milliseconds.
+    /// How often the tokens file is checked for changes, in milliseconds. A change is taken
+    /// when two checks in a row read the same contents (so a half-written file is never used):
+    /// within two periods.
     #[arg(long, env = "HITCOUNTER_TOKENS_POLL_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(10..))]
     pub tokens_poll_ms: u64,
@@ -102,10 +104,19 @@ enum Tokens {
         path: PathBuf,
         poll: Duration,
         table: RwLock<Arc<Table>>,
-        /// The file's last contents, good or bad, so an unchanged file is not parsed again and
-        /// a bad one is reported once.
-        seen: Mutex<Option<String>>,
+        seen: Mutex<Seen>,
     },
+}
+
+/// What the reloads have seen of the file.
+#[derive(Debug, Default)]
+struct Seen {
+    /// The contents last acted on, taken or refused, so an unchanged file is not parsed again
+    /// and a bad one is reported once. `None` after a failed read.
+    current: Option<String>,
+    /// New contents seen once: taken only if the next poll reads them again, so a file caught
+    /// half-written (an editor saving in place truncates it first) is never used.
+    candidate: Option<String>,
 }
 
 /// Authentication and quotas of one service.
@@ -123,6 +134,8 @@ pub struct Authority {
 pub enum Reloaded {
     /// The file is as it was.
     Unchanged,
+    /// The file changed since the last look; it is taken once it reads the same twice.
+    Pending,
     /// New tokens are in force: this many.
     Tokens(usize),
 }
@@ -158,7 +171,10 @@ impl Authority {
                     path: path.clone(),
                     poll: Duration::from_millis(args.tokens_poll_ms),
                     table: RwLock::new(Arc::new(table)),
-                    seen: Mutex::new(Some(text)),
+                    seen: Mutex::new(Seen {
+                        current: Some(text),
+                        candidate: None,
+                    }),
                 }
             }
         };
@@ -216,8 +232,9 @@ impl Authority {
         })
     }
 
-    /// Re-reads the tokens file if it changed. A file that cannot be read or has an error keeps
-    /// the tokens in force, and is logged (once per change of the file).
+    /// Re-reads the tokens file and takes it if it changed and reads the same as at the previous
+    /// call. A file that cannot be read or has an error keeps the tokens in force, and is logged
+    /// (once per change of the file).
     ///
     /// # Errors
     /// The file's error.
@@ -238,7 +255,8 @@ impl Authority {
                     source,
                 };
                 // Report a file that went missing once, not on every poll.
-                if seen.take().is_some() {
+                seen.candidate = None;
+                if seen.current.take().is_some() {
                     metrics::reloaded(self.service, false, None);
                     tracing::error!(%error, "cannot reload the tokens file; the previous tokens stay in force");
                 }
@@ -246,11 +264,17 @@ impl Authority {
             }
         };
         let mut seen = seen.lock().unwrap_or_else(PoisonError::into_inner);
-        if seen.as_deref() == Some(text.as_str()) {
+        if seen.current.as_deref() == Some(text.as_str()) {
+            seen.candidate = None;
             return Ok(Reloaded::Unchanged);
         }
-        *seen = Some(text);
-        let parsed = file::parse(&shown, seen.as_deref().unwrap_or_default());
+        if seen.candidate.as_deref() != Some(text.as_str()) {
+            seen.candidate = Some(text);
+            return Ok(Reloaded::Pending);
+        }
+        seen.candidate = None;
+        let parsed = file::parse(&shown, &text);
+        seen.current = Some(text);
         let entries = match parsed {
             Ok(entries) => entries,
             Err(error) => {
@@ -266,7 +290,8 @@ impl Authority {
         Ok(Reloaded::Tokens(entries.len()))
     }
 
-    /// Checks the tokens file for changes every `--tokens-poll-ms` until `shutdown`.
+    /// Checks the tokens file for changes every `--tokens-poll-ms` until `shutdown`; a change is
+    /// taken at the poll after it is first seen.
     ///
     /// Why a poll and not file-system notifications: the file is small, so reading it every two
     /// seconds costs nothing; a poll sees every way a file gets replaced (an editor's rename, a
@@ -434,6 +459,7 @@ mod tests {
 
         // Same quota: the bucket (empty now) carries over; the new token works, the old one not.
         std::fs::write(&f.path, entry("a", "tok-a2", quota)).expect("write");
+        assert_eq!(f.authority.reload().expect("seen once"), Reloaded::Pending);
         assert_eq!(f.authority.reload().expect("reloads"), Reloaded::Tokens(1));
         assert_eq!(
             f.authority
@@ -453,7 +479,12 @@ mod tests {
 
         // A broken file: an error, and the tokens in force stay.
         std::fs::write(&f.path, "[[token]]\nname = \"x\"\n").expect("write");
+        assert_eq!(f.authority.reload().expect("seen once"), Reloaded::Pending);
         let error = f.authority.reload().expect_err("broken").to_string();
+        assert_eq!(
+            f.authority.reload().expect("reported once"),
+            Reloaded::Unchanged
+        );
         assert!(error.contains("token #1 (x)"), "{error}");
         assert!(f.authority.authenticate(&header("Bearer tok-a2")).is_ok());
         f.clock.advance(Duration::from_secs(1));
