@@ -452,3 +452,96 @@ fn take_one(quota: &'static str, bucket: &Bucket, units: u64) -> Result<(), Refu
         },
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(prefixes: &[&str], roles: &[Role], max_watches: Option<u32>) -> Principal {
+        let clock = QuotaClock::manual();
+        Principal {
+            grant: Arc::new(Grant {
+                name: "t".into(),
+                roles: roles.to_vec(),
+                prefixes: prefixes.iter().map(|p| (*p).to_owned()).collect(),
+                hits: None,
+                requests: Rate::new(1, Some(100))
+                    .map(|rate| Arc::new(Bucket::new(rate, clock.clone()))),
+                max_watches,
+                open_watches: Arc::default(),
+            }),
+            global: None,
+            service: "test",
+            clock,
+        }
+    }
+
+    #[test]
+    fn keys_outside_the_prefixes_are_named_by_field_and_index() {
+        let p = principal(&["a/", "b/"], &[Role::Write], None);
+        assert_eq!(p.may_write("hits", ["a/1", "b/2"]), Ok(()));
+        let refused = p.may_write("hits", ["a/1", "c/2", "d/3"]).expect_err("c/2");
+        assert_eq!(refused.reason(), "permission_denied");
+        assert!(refused.to_string().starts_with("hits[1]: "), "{refused}");
+        let refused = p.may_write("key", ["c"]).expect_err("c");
+        assert!(refused.to_string().starts_with("key: "), "{refused}");
+        let refused = p.admit_read("keys", ["a/1"]).expect_err("no read role");
+        assert!(refused.to_string().contains("`read` role"), "{refused}");
+        let admin = principal(&[], &[Role::Admin], None);
+        assert_eq!(admin.may_write("hits", ["x"]), Ok(()));
+        assert_eq!(admin.admit_read("keys", ["x"]), Ok(()));
+    }
+
+    #[test]
+    fn top_keys_search_within_the_prefixes() {
+        let p = principal(&["a/", "b/"], &[Role::Read], None);
+        assert_eq!(p.admit_top(""), Ok(vec!["a/".to_owned(), "b/".to_owned()]));
+        assert_eq!(p.admit_top("a/x"), Ok(vec!["a/x".to_owned()]));
+        for outside in ["c/", "a"] {
+            let refused = p.admit_top(outside).expect_err(outside);
+            assert!(matches!(refused.kind, RefusalKind::PrefixOutOfScope { .. }));
+        }
+        let everything = principal(&[], &[Role::Read], None);
+        assert_eq!(everything.admit_top(""), Ok(vec![String::new()]));
+        assert_eq!(everything.admit_top("z"), Ok(vec!["z".to_owned()]));
+    }
+
+    #[test]
+    fn watch_slots_are_counted_and_freed() {
+        let p = principal(&[], &[Role::Read], Some(2));
+        let first = p.admit_watch("k").expect("1 of 2");
+        let second = p.admit_watch("k").expect("2 of 2");
+        let refused = p.admit_watch("k").expect_err("full");
+        assert_eq!(refused.kind, RefusalKind::TooManyWatches { limit: 2 });
+        drop(first);
+        let third = p.admit_watch("k").expect("a slot was freed");
+        drop((second, third));
+        assert_eq!(p.grant.open_watches.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn refusals_become_statuses_with_a_retry_after_rounded_up() {
+        let refusal = Refusal {
+            token: "t".into(),
+            kind: RefusalKind::OverQuota {
+                quota: "hits",
+                rate: Rate::new(3, None).expect("a rate"),
+                retry_after: Duration::from_micros(1_200),
+            },
+        };
+        let status = tonic::Status::from(refusal);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            status
+                .metadata()
+                .get(crate::RETRY_AFTER_MS)
+                .map(|v| v.to_str().ok()),
+            Some(Some("2"))
+        );
+        let denied = tonic::Status::from(Refusal {
+            token: "t".into(),
+            kind: RefusalKind::MissingRole(Role::Write),
+        });
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    }
+}
