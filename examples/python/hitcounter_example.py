@@ -6,13 +6,20 @@ reads them back through Query (GetHits, GetHitsMany, GetSeries, TopKeys) and che
     python3 -m pip install grpcio grpcio-tools
     python3 examples/python/hitcounter_example.py --ingest localhost:50051 --query localhost:50053
 
+Services started with --tokens-file need a token (from `hitctl token new`) with the write and read
+roles (or admin): pass --token, or set HITCOUNTER_TOKEN. It is sent as `authorization: Bearer …`
+metadata on every call.
+
 Prints one JSON summary line; exits 1 if a count read back is not what was recorded.
 """
 
 import argparse
 import json
+import os
 import pathlib
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 
@@ -26,11 +33,49 @@ def load_stubs():
         sys.path.insert(0, str(HERE))
         from generate import generate
 
-        generate(generated)
+        # Generate beside it and rename into place, so that runs started together (tests in
+        # parallel) see all of the stubs or none, never a half-written file.
+        staging = pathlib.Path(tempfile.mkdtemp(prefix=".generated-", dir=HERE))
+        generate(staging)
+        try:
+            staging.rename(generated)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another run got there first
     sys.path.insert(0, str(generated))
     from hitcounter.v1 import hitcounter_pb2, hitcounter_pb2_grpc
 
     return hitcounter_pb2, hitcounter_pb2_grpc
+
+
+def channel(grpc, address, token):
+    """A plain-text channel that sends `authorization: Bearer <token>` on every call, if given."""
+    plain = grpc.insecure_channel(address)
+    if not token:
+        return plain
+
+    class Bearer(
+        grpc.UnaryUnaryClientInterceptor,
+        grpc.UnaryStreamClientInterceptor,
+        grpc.StreamUnaryClientInterceptor,
+        grpc.StreamStreamClientInterceptor,
+    ):
+        def _with_token(self, details):
+            metadata = list(details.metadata or []) + [("authorization", f"Bearer {token}")]
+            return details._replace(metadata=metadata)
+
+        def intercept_unary_unary(self, continuation, details, request):
+            return continuation(self._with_token(details), request)
+
+        def intercept_unary_stream(self, continuation, details, request):
+            return continuation(self._with_token(details), request)
+
+        def intercept_stream_unary(self, continuation, details, requests):
+            return continuation(self._with_token(details), requests)
+
+        def intercept_stream_stream(self, continuation, details, requests):
+            return continuation(self._with_token(details), requests)
+
+    return grpc.intercept_channel(plain, Bearer())
 
 
 def main() -> int:
@@ -38,13 +83,18 @@ def main() -> int:
     parser.add_argument("--ingest", default="localhost:50051")
     parser.add_argument("--query", default="localhost:50053")
     parser.add_argument("--prefix", default=f"/py/{uuid.uuid4().hex[:8]}")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("HITCOUNTER_TOKEN"),
+        help="bearer token for services with --tokens-file (default: $HITCOUNTER_TOKEN)",
+    )
     args = parser.parse_args()
 
     import grpc
 
     pb, rpc = load_stubs()
-    ingest = rpc.IngestStub(grpc.insecure_channel(args.ingest))
-    query = rpc.QueryStub(grpc.insecure_channel(args.query))
+    ingest = rpc.IngestStub(channel(grpc, args.ingest, args.token))
+    query = rpc.QueryStub(channel(grpc, args.query, args.token))
     home, cart = f"{args.prefix}/home", f"{args.prefix}/cart"
 
     # One hit; count 0 counts as 1, timestamp 0 means "now".

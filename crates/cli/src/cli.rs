@@ -43,6 +43,16 @@ pub struct Cli {
         value_name = "ADDR"
     )]
     pub query: Address,
+    /// Bearer token for services started with --tokens-file (make one with `hitctl token new`).
+    /// Prefer the environment variable: a command line is visible to other users of the machine.
+    #[arg(
+        long,
+        global = true,
+        env = "HITCOUNTER_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
     /// Machine-readable output: one JSON document on stdout per command (watch: one JSON object
     /// per line). Errors are also reported as {"error": {"code", "message"}}.
     #[arg(long, global = true)]
@@ -90,6 +100,52 @@ intended send time, so a stalled server shows in the percentiles (no coordinated
 Ctrl-C stops early and still prints the report."
     )]
     Load(LoadArgs),
+    /// Make bearer tokens for services started with --tokens-file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `hitctl token …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum TokenCommand {
+    /// Make a new random token: prints it once, and the tokens-file entry holding its SHA-256.
+    #[command(
+        after_help = "Give the token to the client (e.g. as HITCOUNTER_TOKEN) and append the entry \
+to the services' tokens file; they reload it within --tokens-poll-ms. The token itself is stored \
+nowhere: lose it and make a new one."
+    )]
+    New(TokenNewArgs),
+    /// Print the SHA-256 (hex) of a token read from standard input, as the tokens file holds it.
+    Hash,
+}
+
+/// `hitctl token new`.
+#[derive(Debug, Clone, Args)]
+pub struct TokenNewArgs {
+    /// The entry's name, shown in logs and metric labels (letters, digits, `.`, `_`, `-`).
+    #[arg(long)]
+    pub name: String,
+    /// A role: write (Ingest), read (Query) or admin (both). Repeat for several.
+    #[arg(long = "role", required = true, value_parser = ["write", "read", "admin"])]
+    pub roles: Vec<String>,
+    /// A key prefix the token may write and read; repeat for several. None: every key.
+    #[arg(long = "prefix", value_name = "PREFIX")]
+    pub prefixes: Vec<String>,
+    /// Ingest quota in hits per second.
+    #[arg(long, value_name = "N")]
+    pub hits_per_second: Option<u32>,
+    /// Burst of the ingest quota, in hits (default: one second's worth).
+    #[arg(long, value_name = "N", requires = "hits_per_second")]
+    pub hits_burst: Option<u32>,
+    /// Query quota in requests per second.
+    #[arg(long, value_name = "N")]
+    pub requests_per_second: Option<u32>,
+    /// Burst of the query quota, in requests (default: one second's worth).
+    #[arg(long, value_name = "N", requires = "requests_per_second")]
+    pub requests_burst: Option<u32>,
+    /// Most WatchHits streams open at once.
+    #[arg(long, value_name = "N")]
+    pub max_watches: Option<u32>,
 }
 
 /// `hitctl hit`.

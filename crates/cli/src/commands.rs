@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
+use hitcounter_client::{AuthChannel, Bearer};
 use hitcounter_proto::v1::{
     ingest_client::IngestClient, query_client::QueryClient, GetHitsRequest, GetHitsResponse,
     GetSeriesRequest, RecordHitRequest, TopKeysRequest, WatchHitsRequest,
 };
 use serde_json::json;
-use tonic::transport::Channel;
 use tonic_health::pb::{
     health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
 };
@@ -26,26 +26,42 @@ use crate::{
 /// Connect timeout of the ordinary commands.
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn ingest(address: &Address) -> Result<IngestClient<Channel>, CliError> {
-    Ok(IngestClient::new(
+/// The interceptor sending `--token`, if one was given.
+fn bearer(token: Option<&str>) -> Result<Bearer, CliError> {
+    Bearer::new(token).map_err(|e| CliError::Usage(format!("--token: {e}")))
+}
+
+async fn ingest(
+    address: &Address,
+    token: Option<&str>,
+) -> Result<IngestClient<AuthChannel>, CliError> {
+    let bearer = bearer(token)?;
+    Ok(IngestClient::with_interceptor(
         connect(address, "ingest", CONNECT_TIMEOUT).await?,
+        bearer,
     ))
 }
 
-async fn query(address: &Address) -> Result<QueryClient<Channel>, CliError> {
-    Ok(QueryClient::new(
+async fn query(
+    address: &Address,
+    token: Option<&str>,
+) -> Result<QueryClient<AuthChannel>, CliError> {
+    let bearer = bearer(token)?;
+    Ok(QueryClient::with_interceptor(
         connect(address, "query", CONNECT_TIMEOUT).await?,
+        bearer,
     ))
 }
 
 /// `hitctl hit`.
 pub(crate) async fn hit(
     address: &Address,
+    token: Option<&str>,
     args: HitArgs,
     out: Printer,
 ) -> Result<Outcome, CliError> {
     let timestamp_ms = args.at.map_or(0, |at| at.resolve_now());
-    let accepted = ingest(address)
+    let accepted = ingest(address, token)
         .await?
         .record_hit(RecordHitRequest {
             key: args.key.clone(),
@@ -79,10 +95,11 @@ pub(crate) async fn hit(
 /// `hitctl get`.
 pub(crate) async fn get(
     address: &Address,
+    token: Option<&str>,
     args: GetArgs,
     out: Printer,
 ) -> Result<Outcome, CliError> {
-    let response = query(address)
+    let response = query(address, token)
         .await?
         .get_hits(GetHitsRequest {
             key: args.key,
@@ -150,6 +167,7 @@ pub(crate) fn auto_step(range_ms: i64) -> u32 {
 /// `hitctl series`.
 pub(crate) async fn series(
     address: &Address,
+    token: Option<&str>,
     args: SeriesArgs,
     out: Printer,
 ) -> Result<Outcome, CliError> {
@@ -163,7 +181,7 @@ pub(crate) async fn series(
         )));
     }
     let step_seconds = args.step.unwrap_or_else(|| auto_step(to_ms - from_ms));
-    let response = query(address)
+    let response = query(address, token)
         .await?
         .get_series(GetSeriesRequest {
             key: args.key,
@@ -258,10 +276,11 @@ pub(crate) fn chart_lines(
 /// `hitctl top`.
 pub(crate) async fn top(
     address: &Address,
+    token: Option<&str>,
     args: TopArgs,
     out: Printer,
 ) -> Result<Outcome, CliError> {
-    let response = query(address)
+    let response = query(address, token)
         .await?
         .top_keys(TopKeysRequest {
             window_seconds: args.window,
@@ -340,12 +359,13 @@ pub(crate) async fn top(
 /// `hitctl watch`: prints every update until Ctrl-C or the end of the stream.
 pub(crate) async fn watch(
     address: &Address,
+    token: Option<&str>,
     args: WatchArgs,
     out: Printer,
 ) -> Result<Outcome, CliError> {
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    let mut updates = query(address)
+    let mut updates = query(address, token)
         .await?
         .watch_hits(WatchHitsRequest {
             key: args.key,
@@ -380,16 +400,18 @@ pub(crate) async fn watch(
 /// `hitctl health`: SERVING → success; anything else → failure (exit code 1).
 pub(crate) async fn health(
     address: &Address,
+    token: Option<&str>,
     name: &str,
     args: HealthArgs,
     out: Printer,
 ) -> Result<Outcome, CliError> {
+    let bearer = bearer(token)?;
     let channel = connect(address, name, args.timeout).await?;
     let mut request = tonic::Request::new(HealthCheckRequest {
         service: args.service.clone(),
     });
     request.set_timeout(args.timeout);
-    let status = HealthClient::new(channel)
+    let status = HealthClient::with_interceptor(channel, bearer)
         .check(request)
         .await?
         .into_inner()

@@ -6,6 +6,7 @@
 //! - [`address`]: service addresses and connecting to them.
 //! - [`chart`]: the terminal bar chart of `hitctl series`.
 //! - [`load`]: the load generator engine, reusable without the CLI (it does not print).
+//! - `token`: `hitctl token new|hash`, tokens and tokens-file entries for `--tokens-file`.
 //! - [`error`]: what can fail and the exit codes.
 
 pub mod address;
@@ -17,6 +18,7 @@ pub mod load;
 mod load_command;
 mod output;
 pub mod time;
+mod token;
 
 pub use error::CliError;
 pub use output::report_error;
@@ -48,19 +50,21 @@ impl Outcome {
 /// [`CliError`]; report it with [`report_error`] and exit with [`CliError::exit_code`].
 pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
     let out = output::Printer::new(cli.json);
+    let token = cli.token.as_deref();
     match cli.command {
-        Command::Hit(args) => commands::hit(&cli.ingest, args, out).await,
-        Command::Get(args) => commands::get(&cli.query, args, out).await,
-        Command::Series(args) => commands::series(&cli.query, args, out).await,
-        Command::Top(args) => commands::top(&cli.query, args, out).await,
-        Command::Watch(args) => commands::watch(&cli.query, args, out).await,
+        Command::Hit(args) => commands::hit(&cli.ingest, token, args, out).await,
+        Command::Get(args) => commands::get(&cli.query, token, args, out).await,
+        Command::Series(args) => commands::series(&cli.query, token, args, out).await,
+        Command::Top(args) => commands::top(&cli.query, token, args, out).await,
+        Command::Watch(args) => commands::watch(&cli.query, token, args, out).await,
         Command::Health(args) => {
             let (address, name) = match &args.addr {
                 Some(address) => (address.clone(), "the service"),
-                None => (cli.query, "query"),
+                None => (cli.query.clone(), "query"),
             };
-            commands::health(&address, name, args, out).await
+            commands::health(&address, token, name, args, out).await
         }
-        Command::Load(args) => load_command::load(&cli.ingest, args, out).await,
+        Command::Load(args) => load_command::load(&cli.ingest, token, args, out).await,
+        Command::Token(command) => token::run(command, out),
     }
 }

@@ -27,11 +27,11 @@ use std::{
 };
 
 use hdrhistogram::Histogram;
+use hitcounter_client::{AuthChannel, Bearer};
 use hitcounter_proto::v1::{ingest_client::IngestClient, Hit, RecordHitsRequest};
 use rand::{rngs::SmallRng, SeedableRng};
 use rand_distr::Distribution as _;
 use tokio::{sync::Notify, time::Instant};
-use tonic::transport::Channel;
 
 use crate::address::{connect, Address, AddressError, ConnectError};
 
@@ -84,6 +84,8 @@ pub struct LoadConfig {
     pub streams: usize,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// Bearer token sent on every stream, for an ingest with `--tokens-file`.
+    pub token: Option<String>,
 }
 
 impl Default for LoadConfig {
@@ -98,6 +100,7 @@ impl Default for LoadConfig {
             batch: 1000,
             streams: 4,
             connect_timeout: Duration::from_secs(5),
+            token: None,
         }
     }
 }
@@ -293,6 +296,8 @@ pub async fn run_with_progress(
     for _ in 0..config.streams {
         channels.push(connect(&address, "ingest", config.connect_timeout).await?);
     }
+    let bearer = Bearer::new(config.token.as_deref())
+        .map_err(|e| LoadError::InvalidConfig(e.to_string()))?;
     let keys: Arc<[String]> = (0..config.keys).map(|i| config.key(i)).collect();
     let sampler = KeySampler::new(config.distribution, config.keys)?;
     let batch = config.effective_batch();
@@ -307,7 +312,7 @@ pub async fn run_with_progress(
         .into_iter()
         .map(|channel| {
             let stream = StreamPlan {
-                ingest: IngestClient::new(channel),
+                ingest: IngestClient::with_interceptor(channel, bearer.clone()),
                 keys: Arc::clone(&keys),
                 sampler: sampler.clone(),
                 batch,
@@ -395,7 +400,7 @@ impl KeySampler {
 
 /// One stream's share of the run.
 struct StreamPlan {
-    ingest: IngestClient<Channel>,
+    ingest: IngestClient<AuthChannel>,
     keys: Arc<[String]>,
     sampler: KeySampler,
     batch: usize,
@@ -490,7 +495,7 @@ fn lock(pending: &Mutex<VecDeque<Instant>>) -> std::sync::MutexGuard<'_, VecDequ
 
 /// Reads the acks of one stream until the server ends it.
 async fn consume(
-    ingest: &mut IngestClient<Channel>,
+    ingest: &mut IngestClient<AuthChannel>,
     receiver: tokio::sync::mpsc::Receiver<RecordHitsRequest>,
     pending: &Mutex<VecDeque<Instant>>,
     progress: &Progress,

@@ -18,7 +18,7 @@ use crate::{
 /// How often the progress bar is refreshed.
 const TICK: Duration = Duration::from_millis(200);
 
-fn config(address: &Address, args: &LoadArgs) -> LoadConfig {
+fn config(address: &Address, args: &LoadArgs, token: Option<&str>) -> LoadConfig {
     LoadConfig {
         ingest: address.to_string(),
         rate: args.rate,
@@ -34,6 +34,7 @@ fn config(address: &Address, args: &LoadArgs) -> LoadConfig {
         batch: usize::try_from(args.batch).unwrap_or(load::MAX_BATCH),
         streams: usize::try_from(args.streams).unwrap_or(1),
         connect_timeout: crate::commands::CONNECT_TIMEOUT,
+        token: token.map(str::to_owned),
     }
 }
 
@@ -52,10 +53,11 @@ fn progress_bar(out: Printer, duration: Duration) -> ProgressBar {
 /// `hitctl load`.
 pub(crate) async fn load(
     address: &Address,
+    token: Option<&str>,
     args: LoadArgs,
     out: Printer,
 ) -> Result<Outcome, CliError> {
-    let config = config(address, &args);
+    let config = config(address, &args, token);
     let progress = Arc::new(Progress::default());
     let bar = progress_bar(out, config.duration);
     let stop_on_ctrl_c = tokio::spawn({

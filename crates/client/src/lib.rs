@@ -2,6 +2,8 @@
 //!
 //! - [`proto`]: the generated gRPC stubs of the public API (`hitcounter.v1`), for full control.
 //! - [`Client`]: a small wrapper to record hits and read counts.
+//! - [`Bearer`]: the interceptor that sends a token (`authorization: Bearer …`) with every call,
+//!   for services started with `--tokens-file`; [`Client::connect_with`] takes the token.
 //! - [`Recorder`]: a batching recorder that collects hits in the background and sends them over
 //!   one `StreamHits` stream, flushing when a batch is full or a time has passed. This is the
 //!   high-throughput way to record.
@@ -29,6 +31,11 @@
 mod recorder;
 
 use std::time::Duration;
+
+use tonic::{
+    metadata::{Ascii, MetadataValue},
+    service::{interceptor::InterceptedService, Interceptor},
+};
 
 pub use hitcounter_proto::v1 as proto;
 pub use recorder::{Recorder, RecorderOptions, RecorderSummary};
@@ -59,16 +66,63 @@ pub enum ClientError {
     /// The server answered with an error status.
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
+    /// The token cannot be sent as gRPC metadata.
+    #[error("the token is not valid in an `authorization` header (printable ASCII only)")]
+    BadToken,
     /// The background recorder task stopped.
     #[error("the recorder stopped: {0}")]
     RecorderStopped(String),
 }
 
+/// Adds `authorization: Bearer <token>` to every call, or nothing without a token.
+#[derive(Debug, Clone, Default)]
+pub struct Bearer {
+    value: Option<MetadataValue<Ascii>>,
+}
+
+impl Bearer {
+    /// Sends `token` (none: sends nothing).
+    ///
+    /// # Errors
+    /// [`ClientError::BadToken`] when it is not printable ASCII.
+    pub fn new(token: Option<&str>) -> Result<Self, ClientError> {
+        let value = token
+            .map(|token| format!("Bearer {}", token.trim()).parse())
+            .transpose()
+            .map_err(|_| ClientError::BadToken)?;
+        Ok(Self { value })
+    }
+}
+
+impl Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.value {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the [`Bearer`] token.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// Options of [`Client::connect_with`].
+#[derive(Debug, Clone, Default)]
+pub struct ClientOptions {
+    /// The bearer token to send (from `hitctl token new`), for services with `--tokens-file`.
+    pub token: Option<String>,
+}
+
 /// A connection to ingest (writes) and query (reads). Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Client {
-    ingest: IngestClient<Channel>,
-    query: QueryClient<Channel>,
+    ingest: IngestClient<AuthChannel>,
+    query: QueryClient<AuthChannel>,
 }
 
 async fn channel(address: &str) -> Result<Channel, ClientError> {
@@ -96,19 +150,32 @@ impl Client {
     /// # Errors
     /// [`ClientError::BadAddress`] or [`ClientError::Connect`].
     pub async fn connect(ingest: &str, query: &str) -> Result<Self, ClientError> {
+        Self::connect_with(ingest, query, ClientOptions::default()).await
+    }
+
+    /// Connects like [`Client::connect`], sending `options.token` with every call.
+    ///
+    /// # Errors
+    /// [`ClientError::BadAddress`], [`ClientError::Connect`] or [`ClientError::BadToken`].
+    pub async fn connect_with(
+        ingest: &str,
+        query: &str,
+        options: ClientOptions,
+    ) -> Result<Self, ClientError> {
+        let bearer = Bearer::new(options.token.as_deref())?;
         Ok(Self {
-            ingest: IngestClient::new(channel(ingest).await?),
-            query: QueryClient::new(channel(query).await?),
+            ingest: IngestClient::with_interceptor(channel(ingest).await?, bearer.clone()),
+            query: QueryClient::with_interceptor(channel(query).await?, bearer),
         })
     }
 
-    /// The raw generated ingest stub.
-    pub fn ingest(&self) -> IngestClient<Channel> {
+    /// The raw generated ingest stub (carrying the token, if any).
+    pub fn ingest(&self) -> IngestClient<AuthChannel> {
         self.ingest.clone()
     }
 
-    /// The raw generated query stub.
-    pub fn query(&self) -> QueryClient<Channel> {
+    /// The raw generated query stub (carrying the token, if any).
+    pub fn query(&self) -> QueryClient<AuthChannel> {
         self.query.clone()
     }
 

@@ -11,9 +11,8 @@ use tokio::{sync::oneshot, task::JoinHandle, time::Instant};
 
 use crate::{
     proto::{ingest_client::IngestClient, Hit, RecordHitsRequest},
-    ClientError,
+    AuthChannel, ClientError,
 };
-use tonic::transport::Channel;
 
 /// How a [`Recorder`] batches.
 #[derive(Debug, Clone)]
@@ -62,7 +61,7 @@ pub struct Recorder {
 
 impl Recorder {
     pub(crate) async fn start(
-        mut ingest: IngestClient<Channel>,
+        mut ingest: IngestClient<AuthChannel>,
         options: RecorderOptions,
     ) -> Result<Self, ClientError> {
         let (commands, commands_rx) = async_channel::bounded(options.queue.max(1));

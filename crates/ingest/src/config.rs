@@ -4,6 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use hitcounter_wal::FsyncPolicy;
 
+use hitcounter_auth::{AuthArgs, Rate};
 use hitcounter_stack::ClientArgs;
 use hitcounter_telemetry::ServiceArgs;
 
@@ -108,6 +109,20 @@ pub struct Config {
     )]
     pub stream_response_capacity: usize,
 
+    /// Global limit of this ingest instance in hits per second, shared by every caller (load
+    /// shedding before the pipeline; per-token quotas come from --tokens-file). A unary call
+    /// over it gets RESOURCE_EXHAUSTED with `retry-after-ms`, a stream waits. 0: no limit.
+    #[arg(long, env = "HITCOUNTER_GLOBAL_HITS_PER_SECOND", default_value_t = 0)]
+    pub global_hits_per_second: u32,
+
+    /// Burst of the global limit, in hits (default: one second's worth).
+    #[arg(long, env = "HITCOUNTER_GLOBAL_HITS_BURST")]
+    pub global_hits_burst: Option<u32>,
+
+    /// Bearer tokens, roles, key scopes and quotas.
+    #[command(flatten)]
+    pub auth: AuthArgs,
+
     /// Aggregator shards and the client stack used to reach them.
     #[command(flatten)]
     pub client: ClientArgs,
@@ -145,6 +160,11 @@ impl Config {
             }
             FsyncMode::Never => FsyncPolicy::Never,
         }
+    }
+
+    /// The global limit, if any.
+    pub(crate) fn global_limit(&self) -> Option<Rate> {
+        Rate::new(self.global_hits_per_second, self.global_hits_burst)
     }
 
     pub(crate) fn dedup_horizon(&self) -> Duration {

@@ -8,6 +8,9 @@ pub enum IngestError {
     /// The request breaks a validation rule; nothing of it was counted.
     #[error("{0}")]
     Invalid(#[from] crate::validate::ValidationError),
+    /// The caller's token may not do this, or is over its quota; nothing of it was counted.
+    #[error("{0}")]
+    Refused(#[from] hitcounter_auth::Refusal),
     /// The buffer stayed full for the whole enqueue timeout.
     #[error("ingest buffer is full (the aggregator is slow or unavailable); nothing of this request was counted, retry with backoff")]
     BufferFull,
@@ -39,6 +42,7 @@ impl IngestError {
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             IngestError::Invalid(error) => error.reason(),
+            IngestError::Refused(refusal) => refusal.reason(),
             IngestError::BufferFull => "buffer_full",
             IngestError::LedgerFull => "ledger_full",
             IngestError::LogFull => "log_full",
@@ -52,6 +56,9 @@ impl IngestError {
 
 impl From<IngestError> for Status {
     fn from(error: IngestError) -> Self {
+        if let IngestError::Refused(refusal) = error {
+            return Status::from(refusal);
+        }
         match &error {
             IngestError::Invalid(_) => Status::invalid_argument(error.to_string()),
             IngestError::BufferFull | IngestError::LedgerFull | IngestError::LogFull => {
@@ -62,6 +69,8 @@ impl From<IngestError> for Status {
                 Status::unavailable(error.to_string())
             }
             IngestError::Startup(_) => Status::internal(error.to_string()),
+            // Answered above, with its retry-after-ms metadata.
+            IngestError::Refused(_) => Status::internal(error.to_string()),
         }
     }
 }

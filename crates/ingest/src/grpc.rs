@@ -1,14 +1,19 @@
 //! The gRPC edge of ingest: the public `hitcounter.v1.Ingest` service.
 //!
-//! Every call runs the same steps: claim the batch id (if any) in the ledger, validate every
-//! hit, enqueue the batch on the bounded hits channel, complete the claim, answer. A hit is
-//! acknowledged once it is in the pipeline. Unary calls wait at most the enqueue timeout for
+//! Every call runs the same steps: check the caller's role and key scope (the principal the
+//! authentication layer attached), claim the batch id (if any) in the ledger, validate every
+//! hit, take the hits from the caller's quota and the global limit, enqueue the batch on the
+//! bounded hits channel, complete the claim, answer. The scope is checked before the ledger so
+//! that a caller without the right learns nothing about batch ids; the quota after validation,
+//! since it counts hits by their counts, and after the ledger, since a retried batch counts
+//! nothing. A hit is acknowledged once it is in the pipeline. Unary calls wait at most the enqueue timeout for
 //! room and then get `RESOURCE_EXHAUSTED`; `StreamHits` waits as long as it takes and, while it
 //! waits, stops reading its stream, so HTTP/2 flow control slows the client down.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
+use hitcounter_auth::{principal_of, Principal};
 use hitcounter_pipeline::{SendError, StageSender};
 use hitcounter_proto::v1::{
     ingest_server::Ingest, Hit, RecordHitRequest, RecordHitResponse, RecordHitsRequest,
@@ -93,6 +98,7 @@ impl IngestService {
     /// ledger, validate every hit. Nothing is enqueued yet, so a failure here counts nothing.
     async fn prepare(
         &self,
+        principal: &Principal,
         hits: Vec<Hit>,
         batch_id: String,
         wait: Wait,
@@ -100,6 +106,7 @@ impl IngestService {
         let offered = hits.len() as u64;
         let result = async {
             validate::batch_id(&batch_id)?;
+            principal.may_write("hits", hits.iter().map(|hit| hit.key.as_str()))?;
             let claim = if batch_id.is_empty() {
                 None
             } else {
@@ -125,6 +132,7 @@ impl IngestService {
                 }
             };
             let (hits, accepted) = validate::batch(hits, validate::now_ms(), self.rules)?;
+            self.take_quota(principal, accepted, wait).await?;
             Ok(Prepared::Valid {
                 hits,
                 accepted,
@@ -137,6 +145,23 @@ impl IngestService {
             count_rejected(error, offered);
         }
         result
+    }
+
+    /// Takes `hits` from the caller's quota and the global limit: a unary call over either is
+    /// refused with when it would fit; a stream waits until it fits.
+    async fn take_quota(
+        &self,
+        principal: &Principal,
+        hits: u64,
+        wait: Wait,
+    ) -> Result<(), IngestError> {
+        match wait {
+            Wait::AtMost(_) => Ok(principal.take_hits(hits)?),
+            Wait::UntilRoom => tokio::select! {
+                taken = principal.take_hits_waiting(hits) => Ok(taken?),
+                _ = self.shutdown.cancelled() => Err(IngestError::ShuttingDown),
+            },
+        }
     }
 
     /// Second half: enqueue and wait until the hits are durable, then complete the claim.
@@ -194,6 +219,7 @@ impl IngestService {
     /// as with any broken stream: give batches a `batch_id` to retry them safely.
     async fn run_stream(
         &self,
+        principal: Principal,
         mut requests: Streaming<RecordHitsRequest>,
         responses: StageSender<Result<RecordHitsResponse, Status>>,
     ) {
@@ -265,7 +291,23 @@ impl IngestService {
                         }
                     }
                     let started = std::time::Instant::now();
-                    match self.prepare(request.hits, request.batch_id, Wait::UntilRoom).await {
+                    // Preparing may wait (for the ledger, or for the caller's quota): answer the
+                    // requests already in the window meanwhile, so their acks are not held back.
+                    let prepare =
+                        self.prepare(&principal, request.hits, request.batch_id, Wait::UntilRoom);
+                    tokio::pin!(prepare);
+                    let prepared = loop {
+                        tokio::select! {
+                            biased;
+                            prepared = &mut prepare => break prepared,
+                            Some(done) = window.next(), if !window.is_empty() => {
+                                if !answer(done).await {
+                                    return;
+                                }
+                            }
+                        }
+                    };
+                    match prepared {
                         Ok(prepared) => {
                             let i = index;
                             window.push_back(async move {
@@ -298,6 +340,9 @@ impl IngestService {
 fn count_rejected(error: &IngestError, hits: u64) {
     metrics::counter!("hitcounter_ingest_hits_rejected_total", "reason" => error.reason())
         .increment(hits);
+    if let IngestError::Refused(refusal) = error {
+        hitcounter_auth::metrics::rejected_hits(refusal.reason(), &refusal.token, hits);
+    }
 }
 
 #[tonic::async_trait]
@@ -307,8 +352,10 @@ impl Ingest for IngestService {
         request: Request<RecordHitRequest>,
     ) -> Result<Response<RecordHitResponse>, Status> {
         rpc::observe("ingest", "RecordHit", async {
+            let principal = principal_of(&request)?;
             let request = request.into_inner();
             let result = async {
+                principal.may_write("key", [request.key.as_str()])?;
                 let hit = validate::hit(
                     None,
                     request.key,
@@ -318,6 +365,7 @@ impl Ingest for IngestService {
                     self.rules,
                 )?;
                 let accepted = hit.count;
+                principal.take_hits(accepted)?;
                 self.enqueue(vec![hit], None, Wait::AtMost(self.enqueue_timeout))
                     .await?;
                 metrics::counter!("hitcounter_ingest_hits_accepted_total").increment(accepted);
@@ -340,9 +388,12 @@ impl Ingest for IngestService {
         request: Request<RecordHitsRequest>,
     ) -> Result<Response<RecordHitsResponse>, Status> {
         rpc::observe("ingest", "RecordHits", async {
+            let principal = principal_of(&request)?;
             let request = request.into_inner();
             let wait = Wait::AtMost(self.enqueue_timeout);
-            let prepared = self.prepare(request.hits, request.batch_id, wait).await?;
+            let prepared = self
+                .prepare(&principal, request.hits, request.batch_id, wait)
+                .await?;
             Ok(Response::new(self.commit(prepared, wait).await?))
         })
         .await
@@ -354,13 +405,14 @@ impl Ingest for IngestService {
         &self,
         request: Request<Streaming<RecordHitsRequest>>,
     ) -> Result<Response<Self::StreamHitsStream>, Status> {
+        let principal = principal_of(&request)?;
         let requests = request.into_inner();
         let (responses_tx, responses_rx) =
             hitcounter_pipeline::channel("ingest_stream_responses", self.stream_response_capacity);
         let service = self.clone();
         tokio::spawn(
             async move {
-                service.run_stream(requests, responses_tx).await;
+                service.run_stream(principal, requests, responses_tx).await;
             }
             .instrument(tracing::debug_span!("stream_hits")),
         );

@@ -78,6 +78,8 @@ pub async fn serve(
             config.max_buffer_bytes, config.segment_bytes
         )));
     }
+    let authority = hitcounter_auth::Authority::new(&config.auth, "ingest", config.global_limit())
+        .map_err(|e| IngestError::Startup(e.to_string()))?;
     let stack_config = config.client.stack_config();
     let max_message = config.service.max_message_bytes;
     let abandon = CancellationToken::new();
@@ -198,7 +200,13 @@ pub async fn serve(
         producer_id,
         "ingest serving"
     );
-    let server = hitcounter_telemetry::server::serve(service, listeners, metrics, shutdown.clone());
+    let server = hitcounter_telemetry::server::serve_public(
+        service,
+        listeners,
+        metrics,
+        shutdown.clone(),
+        authority,
+    );
     let served = tokio::select! {
         served = server => served.map_err(|e| IngestError::Startup(e.to_string())),
         stopped = &mut combine => {

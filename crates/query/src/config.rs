@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use hitcounter_auth::{AuthArgs, Rate};
 use hitcounter_stack::ClientArgs;
 use hitcounter_telemetry::{DefaultWorkers, ServiceArgs};
 
@@ -28,6 +29,24 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_WATCH_CHANNEL_CAPACITY", default_value_t = 4)]
     pub watch_channel_capacity: usize,
 
+    /// Global limit of this query instance in requests per second, shared by every caller (load
+    /// shedding before the aggregators; per-token quotas come from --tokens-file). A request over
+    /// it gets RESOURCE_EXHAUSTED with `retry-after-ms`. 0: no limit.
+    #[arg(
+        long,
+        env = "HITCOUNTER_GLOBAL_REQUESTS_PER_SECOND",
+        default_value_t = 0
+    )]
+    pub global_requests_per_second: u32,
+
+    /// Burst of the global limit, in requests (default: one second's worth).
+    #[arg(long, env = "HITCOUNTER_GLOBAL_REQUESTS_BURST")]
+    pub global_requests_burst: Option<u32>,
+
+    /// Bearer tokens, roles, key scopes and quotas.
+    #[command(flatten)]
+    pub auth: AuthArgs,
+
     /// Aggregator shards and the client stack used to reach them.
     #[command(flatten)]
     pub client: ClientArgs,
@@ -44,6 +63,11 @@ impl Config {
     /// on the 2-core benchmark machine one worker cut `GetHits` p99 from 1.7 to 0.6–0.8 ms
     /// unloaded and from 1.4 to 1.2 ms under ingest (docs/performance.md).
     pub const DEFAULT_WORKERS: DefaultWorkers = DefaultWorkers::Fixed(std::num::NonZeroUsize::MIN);
+
+    /// The global limit, if any.
+    pub fn global_limit(&self) -> Option<Rate> {
+        Rate::new(self.global_requests_per_second, self.global_requests_burst)
+    }
 
     /// Default `/metrics` address of query.
     pub const DEFAULT_METRICS: SocketAddr =

@@ -12,6 +12,9 @@ pub enum QueryError {
     /// An aggregator shard could not answer.
     #[error(transparent)]
     Aggregator(#[from] StackError),
+    /// The caller's token may not do this, or is over its quota.
+    #[error("{0}")]
+    Refused(#[from] hitcounter_auth::Refusal),
     /// Too many watches are open.
     #[error("too many open WatchHits streams (limit {0}); close one or raise --max-watches")]
     TooManyWatches(usize),
@@ -25,6 +28,7 @@ impl From<QueryError> for Status {
         match error {
             QueryError::Invalid(message) => Status::invalid_argument(message),
             QueryError::Aggregator(error) => Status::from(error),
+            QueryError::Refused(refusal) => Status::from(refusal),
             QueryError::TooManyWatches(_) => Status::resource_exhausted(error.to_string()),
             QueryError::Startup(_) => Status::internal(error.to_string()),
         }

@@ -2,11 +2,15 @@
 //!
 //! Each handler resolves the request's defaults (window 0 → 300 s, `at_ms` 0 → now, step 0 →
 //! 1 s, limit 0 → 10), checks it against the contract, converts milliseconds to the seconds the
-//! aggregators index by, and asks the shards (see `crate::shards`).
+//! aggregators index by, checks the caller's role, key scope and quota (the principal the
+//! authentication layer attached; see `hitcounter_auth::Principal`), and asks the shards (see
+//! `crate::shards`). TopKeys searches only the caller's key prefixes: without a prefix, all of
+//! them (one search per prefix, merged); with one, it must lie within one of them.
 
 use std::{pin::Pin, sync::Arc, time::Duration};
 
 use futures::{Stream, StreamExt};
+use hitcounter_auth::principal_of;
 use hitcounter_proto::v1::{
     query_server::Query, GetHitsManyRequest, GetHitsManyResponse, GetHitsRequest, GetHitsResponse,
     GetSeriesRequest, GetSeriesResponse, KeyCount, SeriesPoint, TopKeysRequest, TopKeysResponse,
@@ -112,11 +116,19 @@ impl QueryService {
         Ok(())
     }
 
-    async fn get_hits_inner(&self, request: GetHitsRequest) -> Result<GetHitsResponse, QueryError> {
+    async fn get_hits_inner(
+        &self,
+        request: GetHitsRequest,
+        principal: Option<&hitcounter_auth::Principal>,
+    ) -> Result<GetHitsResponse, QueryError> {
         check_key(&request.key)?;
         let window = self.window(request.window_seconds)?;
         let at_ms = check_at(request.at_ms)?;
         self.check_retained(window, at_ms)?;
+        // A watch's updates were admitted when it opened.
+        if let Some(principal) = principal {
+            principal.admit_read("key", [request.key.as_str()])?;
+        }
         let counts = self
             .shards
             .count(
@@ -141,8 +153,10 @@ impl Query for QueryService {
         request: Request<GetHitsRequest>,
     ) -> Result<Response<GetHitsResponse>, Status> {
         rpc::observe("query", "GetHits", async {
+            let principal = principal_of(&request)?;
             Ok(Response::new(
-                self.get_hits_inner(request.into_inner()).await?,
+                self.get_hits_inner(request.into_inner(), Some(&principal))
+                    .await?,
             ))
         })
         .await
@@ -153,6 +167,7 @@ impl Query for QueryService {
         request: Request<GetHitsManyRequest>,
     ) -> Result<Response<GetHitsManyResponse>, Status> {
         rpc::observe("query", "GetHitsMany", async {
+            let principal = principal_of(&request)?;
             let request = request.into_inner();
             if request.keys.is_empty() || request.keys.len() > MAX_MANY_KEYS {
                 return Err(invalid(format!(
@@ -167,6 +182,9 @@ impl Query for QueryService {
             let window = self.window(request.window_seconds)?;
             let at_ms = check_at(request.at_ms)?;
             self.check_retained(window, at_ms)?;
+            principal
+                .admit_read("keys", request.keys.iter().map(String::as_str))
+                .map_err(QueryError::from)?;
             let counts = self
                 .shards
                 .count(&request.keys, at_ms.div_euclid(1000), window)
@@ -193,6 +211,7 @@ impl Query for QueryService {
         request: Request<GetSeriesRequest>,
     ) -> Result<Response<GetSeriesResponse>, Status> {
         rpc::observe("query", "GetSeries", async {
+            let principal = principal_of(&request)?;
             let request = request.into_inner();
             check_key(&request.key)?;
             let step = request.step_seconds.max(1);
@@ -214,6 +233,9 @@ impl Query for QueryService {
                 ))
                 .into());
             }
+            principal
+                .admit_read("key", [request.key.as_str()])
+                .map_err(QueryError::from)?;
             let counts = self
                 .shards
                 .series(request.key.clone(), start_ms / 1000, step, points as u32)
@@ -241,6 +263,7 @@ impl Query for QueryService {
         request: Request<TopKeysRequest>,
     ) -> Result<Response<TopKeysResponse>, Status> {
         rpc::observe("query", "TopKeys", async {
+            let principal = principal_of(&request)?;
             let request = request.into_inner();
             let window = self.window(request.window_seconds)?;
             let at_ms = check_at(request.at_ms)?;
@@ -249,9 +272,12 @@ impl Query for QueryService {
                 0 => DEFAULT_TOP_LIMIT,
                 l => l.min(MAX_TOP_LIMIT),
             };
+            let prefixes = principal
+                .admit_top(&request.prefix)
+                .map_err(QueryError::from)?;
             let keys = self
                 .shards
-                .top(at_ms.div_euclid(1000), window, limit, &request.prefix)
+                .top(at_ms.div_euclid(1000), window, limit, &prefixes)
                 .await
                 .map_err(QueryError::from)?
                 .into_iter()
@@ -278,9 +304,11 @@ impl Query for QueryService {
     ) -> Result<Response<Self::WatchHitsStream>, Status> {
         let started = std::time::Instant::now();
         let opened = (|| {
+            let principal = principal_of(&request)?;
             let request = request.into_inner();
             check_key(&request.key)?;
             let window = self.window(request.window_seconds)?;
+            let slot = principal.admit_watch(&request.key)?;
             let permit = Arc::clone(&self.watches)
                 .try_acquire_owned()
                 .map_err(|_| QueryError::TooManyWatches(self.max_watches))?;
@@ -288,9 +316,8 @@ impl Query for QueryService {
                 0 => DEFAULT_WATCH_INTERVAL_MS,
                 i => i.max(MIN_WATCH_INTERVAL_MS),
             };
-            Ok::<_, QueryError>((request.key, window, interval, permit))
-        })()
-        .map_err(Status::from);
+            Ok::<_, Status>((request.key, window, interval, (permit, slot)))
+        })();
         rpc::record("query", "WatchHits", &opened, started);
         let (key, window, interval, permit) = opened?;
 
@@ -311,11 +338,14 @@ impl Query for QueryService {
                         _ = ticks.tick() => {}
                     }
                     let update = service
-                        .get_hits_inner(GetHitsRequest {
-                            key: key.clone(),
-                            window_seconds: window,
-                            at_ms: 0,
-                        })
+                        .get_hits_inner(
+                            GetHitsRequest {
+                                key: key.clone(),
+                                window_seconds: window,
+                                at_ms: 0,
+                            },
+                            None,
+                        )
                         .await;
                     let update = match update {
                         Ok(update) => update,

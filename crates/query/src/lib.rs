@@ -2,8 +2,8 @@
 //!
 //! ```text
 //!  GetHits / GetHitsMany / GetSeries / TopKeys / WatchHits
-//!        │ resolve defaults, validate (gRPC handlers)
-//!        ▼
+//!        │ resolve defaults, validate, then the caller's role, key scope and quota
+//!        ▼ (gRPC handlers; the token was checked by the server's authentication layer)
 //!  fan out by shard ──▶ [client stack per shard] ──▶ aggregator[i] ──▶ fan in (merge)
 //! ```
 //!
@@ -48,6 +48,8 @@ pub async fn serve(
         .map_err(|e| QueryError::Startup(e.to_string()))?;
     let shards = Shards::new(channels, &config.client.stack_config(), max_message)
         .map_err(|e| QueryError::Startup(e.to_string()))?;
+    let authority = hitcounter_auth::Authority::new(&config.auth, "query", config.global_limit())
+        .map_err(|e| QueryError::Startup(e.to_string()))?;
     let service = QueryService {
         shards,
         retention_seconds: config.retention_seconds,
@@ -61,7 +63,10 @@ pub async fn serve(
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
     tracing::info!(addr = ?listeners.grpc.local_addr().ok(), "query serving");
-    let served = hitcounter_telemetry::server::serve(service, listeners, metrics, shutdown).await;
+    let served = hitcounter_telemetry::server::serve_public(
+        service, listeners, metrics, shutdown, authority,
+    )
+    .await;
     tracing::info!("query stopped");
     served.map_err(|e| QueryError::Startup(e.to_string()))
 }

@@ -135,27 +135,30 @@ impl Shards {
         }
     }
 
-    /// The top `limit` keys over every shard.
+    /// The top `limit` keys over every shard, among the keys starting with any of `prefixes`
+    /// (disjoint key spaces: no key is counted twice).
     pub(crate) async fn top(
         &self,
         end_second: i64,
         window_seconds: u32,
         limit: u32,
-        prefix: &str,
+        prefixes: &[String],
     ) -> Result<Vec<KeyCount>, StackError> {
-        let calls = (0..self.stacks.len()).map(|shard| {
-            let read = Read::Top(TopRequest {
-                end_second,
-                window_seconds,
-                limit,
-                prefix: prefix.to_owned(),
-            });
-            async move {
-                match self.call(shard, read).await? {
-                    Answer::Top(answer) => Ok(answer.keys),
-                    _ => Err(unexpected()),
+        let calls = prefixes.iter().flat_map(|prefix| {
+            (0..self.stacks.len()).map(move |shard| {
+                let read = Read::Top(TopRequest {
+                    end_second,
+                    window_seconds,
+                    limit,
+                    prefix: prefix.clone(),
+                });
+                async move {
+                    match self.call(shard, read).await? {
+                        Answer::Top(answer) => Ok(answer.keys),
+                        _ => Err(unexpected()),
+                    }
                 }
-            }
+            })
         });
         let mut merged: Vec<KeyCount> = try_join_all(calls).await?.into_iter().flatten().collect();
         merged.sort_unstable_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));

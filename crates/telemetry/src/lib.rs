@@ -4,7 +4,8 @@
 //! - [`metrics`]: the process-wide Prometheus recorder and the HTTP `/metrics` endpoint.
 //! - [`rpc`]: per-RPC request counters and latency histograms, recorded at the gRPC edge.
 //! - [`shutdown`]: SIGINT/SIGTERM turned into a [`CancellationToken`] every task watches.
-//! - [`server`]: the gRPC server every service runs (health, reflection, metrics, drain).
+//! - [`server`]: the gRPC server every service runs (health, reflection, metrics, drain), and
+//!   its tower stack: bearer-token authentication (`hitcounter-auth`) on the public ports.
 //! - [`ServiceArgs`]: the command-line knobs every service has (log format, metrics address,
 //!   drain deadline, message size limit, runtime worker threads), and the tokio runtime built
 //!   from them ([`ServiceArgs::runtime`]).

@@ -2,9 +2,23 @@
 //! `grpc.health.v1.Health` (SERVING once ready, NOT_SERVING for the service and for `""` as soon
 //! as the drain starts), server reflection v1 and v1alpha for this port's services only, an
 //! answer for calls to a service this port does not serve that names the port that does, the
-//! `/metrics` endpoint, and `TCP_NODELAY` connections. Each service calls [`serve`] with its
-//! tonic service and selects on the returned future next to its own stages.
+//! `/metrics` endpoint, and `TCP_NODELAY` connections. Each service calls [`serve`] (the internal
+//! aggregator) or [`serve_public`] (ingest and query) with its tonic service and selects on the
+//! returned future next to its own stages.
+//!
+//! The server-side tower stack is composed here, in one place, outermost first:
+//!
+//! ```text
+//!  connection (hitcounter-transport: TCP_NODELAY, one write per flush; TLS will wrap it here)
+//!   └─ AuthenticateLayer   public ports only: bearer token → Principal, or UNAUTHENTICATED
+//!       └─ routes          own service | health | reflection | "served elsewhere" fallback
+//!           └─ handler     decodes, then role / key scope / quota checks of the Principal,
+//!                          per-RPC metrics (rpc::observe) and the service's own work
+//! ```
 
+use std::sync::Arc;
+
+use hitcounter_auth::{AuthenticateLayer, Authority};
 use hitcounter_proto::{reflection_services, service_home, ReflectionError};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,7 +38,9 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves `service` on `listeners` until `shutdown` is cancelled and in-flight calls finish.
+/// Serves the internal `service` (the aggregator's, reached only by ingest and query inside the
+/// deployment) on `listeners` until `shutdown` is cancelled and in-flight calls finish. No token
+/// authentication: the internal links are to be protected by mutual TLS.
 ///
 /// # Errors
 /// [`ServeError`] when reflection cannot be built or the transport fails.
@@ -35,6 +51,94 @@ pub async fn serve<S>(
     shutdown: CancellationToken,
 ) -> Result<(), ServeError>
 where
+    S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Response: axum::response::IntoResponse,
+    S::Future: Send + 'static,
+{
+    assemble(
+        service,
+        listeners,
+        metrics,
+        shutdown,
+        tower::layer::util::Identity::new(),
+    )
+    .await
+}
+
+/// Serves the public `service` (ingest's or query's) like [`serve`], with every call
+/// authenticated by `authority` first (see the module's stack). Warns at start-up when the port
+/// listens beyond loopback without a tokens file.
+///
+/// # Errors
+/// [`ServeError`] when reflection cannot be built or the transport fails.
+pub async fn serve_public<S>(
+    service: S,
+    listeners: Listeners,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+    authority: Arc<Authority>,
+) -> Result<(), ServeError>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Response: axum::response::IntoResponse,
+    S::Future: Send + 'static,
+{
+    let exposed = listeners
+        .grpc
+        .local_addr()
+        .is_ok_and(|addr| !addr.ip().is_loopback());
+    if exposed && !authority.requires_tokens() {
+        tracing::warn!(
+            addr = ?listeners.grpc.local_addr().ok(),
+            service = S::NAME,
+            "this public port listens beyond loopback without authentication: anyone who can \
+             reach it may write or read every key; give --tokens-file unless the network is trusted"
+        );
+    }
+    // Reload the tokens file when it changes, for as long as the server runs.
+    tokio::spawn(Arc::clone(&authority).watch(shutdown.clone()));
+    assemble(
+        service,
+        listeners,
+        metrics,
+        shutdown,
+        // Outermost: refuse calls without a valid token before anything decodes them, and hand
+        // the principal to the handlers, which check roles, key scopes and quotas on the decoded
+        // request (the layer cannot see keys).
+        AuthenticateLayer::new(authority),
+    )
+    .await
+}
+
+/// The one server assembly behind [`serve`] and [`serve_public`]: `layer` wraps every route.
+async fn assemble<S, L>(
+    service: S,
+    listeners: Listeners,
+    metrics: PrometheusHandle,
+    shutdown: CancellationToken,
+    layer: L,
+) -> Result<(), ServeError>
+where
+    L: tower::Layer<tonic::service::Routes> + Clone + Send + Sync + 'static,
+    L::Service: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<tonic::body::Body>,
+        > + Clone
+        + Send
+        + 'static,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Future: Send,
+    <L::Service as tower::Service<http::Request<tonic::body::Body>>>::Error:
+        Into<Box<dyn std::error::Error + Send + Sync>> + Send,
     S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
         + NamedService
         + Clone
@@ -64,6 +168,7 @@ where
             },
         ));
     let server = tonic::transport::Server::builder()
+        .layer(layer)
         .add_routes(routes.into())
         .serve_with_incoming_shutdown(
             hitcounter_transport::incoming(listeners.grpc),
