@@ -1,11 +1,16 @@
 //! Ingest's data directory: what survives a restart.
 //!
 //! ```text
-//! <data-dir>/producer-id    this instance's id towards the aggregators (random, made once)
+//! <data-dir>/producer-id    the log's id towards the aggregators (random, made with the log)
 //! <data-dir>/shards         the shard count the log was written for
 //! <data-dir>/log/           the ingest log: one record per flush (see hitcounter-wal)
 //! <data-dir>/ledger/        the batch-id ledger log
 //! ```
+//!
+//! The producer id names the log, not the data directory: the aggregators deduplicate by
+//! (producer id, seq), and a fresh log numbers its records from 1 again. A log that has never held
+//! a record therefore always gets a new random id, so moving `log/` away (the re-shard procedure)
+//! can never make an aggregator take the new log's seqs for ones it applied from the old log.
 //!
 //! Opening it recovers both logs (checksums, torn tails cut), restores the batch ids still
 //! inside the dedup horizon, and reports what will be replayed to the aggregators. Batch ids
@@ -48,11 +53,16 @@ fn write_durably(path: &Path, content: &str) -> Result<(), IngestError> {
     file.sync_all().map_err(failed(&tmp))?;
     fs::rename(&tmp, path).map_err(failed(path))?;
     if let Some(dir) = path.parent() {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(failed(dir))?;
+        sync_dir(dir)?;
     }
     Ok(())
+}
+
+/// Makes the creations, renames and deletions of entries in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), IngestError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(failed(dir))
 }
 
 fn read_number(path: &Path) -> Result<Option<u64>, IngestError> {
@@ -67,6 +77,35 @@ fn read_number(path: &Path) -> Result<Option<u64>, IngestError> {
     }
 }
 
+/// The producer id for the log `main`: the recorded one if the log ever held a record, else a
+/// new random one (written durably before any record can be sent under it).
+fn producer_identity(dir: &Path, main: &Log) -> Result<u64, IngestError> {
+    let id_path = dir.join("producer-id");
+    // A log that never held a record (new, or the old one moved away) must not inherit the
+    // recorded id: an aggregator may hold "applied through N" for it and would swallow this
+    // log's seqs 1..=N as resends.
+    let recorded = if main.next_seq() > 1 {
+        read_number(&id_path)?
+    } else {
+        None
+    };
+    if let Some(id) = recorded {
+        return Ok(id);
+    }
+    let id: u64 = rand::random();
+    if main.next_seq() > 1 {
+        // Records but no id: they go out under a new one, and each batch tells the aggregators
+        // which seqs the log no longer holds.
+        tracing::warn!(
+            file = %id_path.display(),
+            producer_id = id,
+            "the ingest log has records but no producer id was recorded: using a new one"
+        );
+    }
+    write_durably(&id_path, &format!("{id}\n"))?;
+    Ok(id)
+}
+
 /// Opens (creating) the data directory. Blocking: run it on a blocking thread.
 pub(crate) fn open(
     dir: &Path,
@@ -78,16 +117,6 @@ pub(crate) fn open(
 ) -> Result<Opened, IngestError> {
     let started = std::time::Instant::now();
     let lock = hitcounter_telemetry::lock_data_dir(dir).map_err(IngestError::Startup)?;
-
-    let id_path = dir.join("producer-id");
-    let producer_id = match read_number(&id_path)? {
-        Some(id) => id,
-        None => {
-            let id: u64 = rand::random();
-            write_durably(&id_path, &format!("{id}\n"))?;
-            id
-        }
-    };
 
     let shards_path = dir.join("shards");
     let open_log = |path: PathBuf| {
@@ -108,6 +137,7 @@ pub(crate) fn open(
             "cut a torn write at the end of the ingest log"
         );
     }
+    let producer_id = producer_identity(dir, &main)?;
     let replay = main.next_seq() - main.first_seq();
     if let Some(before) = read_number(&shards_path)? {
         if before != shards as u64 && replay > 0 {
