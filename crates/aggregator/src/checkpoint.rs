@@ -12,11 +12,18 @@
 //! that memory (fragmented) after the checkpoint. A repeated field encoded field by field is
 //! the same bytes as the whole message, so the reader decodes it as one `Checkpoint`.
 //!
-//! File: `checkpoint-<taken_at_ms, 20 digits>.ckpt` =
+//! File: `checkpoint-<generation, 20 digits>.ckpt` =
 //! `b"HCCP"` | format version `u32` LE | payload length `u64` LE | CRC-32 of the payload `u32` LE |
 //! payload (the `Checkpoint` protobuf message). It is written to a `.tmp` file, fsynced, renamed
 //! into place and the directory fsynced, so a crash leaves either the old or the new checkpoint,
-//! never a torn one; older checkpoints are then deleted.
+//! never a torn one; older checkpoints are then deleted and the directory fsynced again.
+//!
+//! The generation is one more than the newest file's in the directory, never a clock reading: a
+//! wall clock that steps back would otherwise name a newer checkpoint below an older one, and
+//! an OS crash that undid the (not yet durable) deletion of the older file would bring it back as
+//! "the newest", after ingest had trimmed what only the newer one held. (Files of older versions,
+//! named after their wall-clock time, are generations like any other: numbering goes on above
+//! them.)
 //!
 //! On start the newest checkpoint is loaded. If it fails its checksum the aggregator refuses to
 //! start with an error naming the file: falling back to an older one would silently lose batches
@@ -162,11 +169,20 @@ fn sync_dir(dir: &Path) -> Result<(), CheckpointError> {
         .map_err(io(dir))
 }
 
-/// Writes `state` as the newest checkpoint in `dir` and deletes older ones. Returns the bytes
-/// written. Blocking: run it on a blocking thread.
+/// Writes `state` as the newest checkpoint in `dir` (the next generation) and deletes older
+/// ones. Returns the bytes written. Blocking: run it on a blocking thread.
 pub(crate) fn write(dir: &Path, state: &State) -> Result<u64, CheckpointError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
-    let name = format!("checkpoint-{:020}.ckpt", state.taken_at_ms.max(0));
+    let generation = match list_generations(dir)?.last() {
+        Some((newest, path)) => newest
+            .checked_add(1)
+            .ok_or_else(|| CheckpointError::Corrupt {
+                path: path.clone(),
+                reason: "the generation in its name cannot be followed".into(),
+            })?,
+        None => 1,
+    };
+    let name = format!("checkpoint-{generation:020}.ckpt");
     let path = dir.join(&name);
     let tmp = dir.join(format!("{name}.tmp"));
     let payload_len = {
@@ -192,10 +208,16 @@ pub(crate) fn write(dir: &Path, state: &State) -> Result<u64, CheckpointError> {
     };
     fs::rename(&tmp, &path).map_err(io(&path))?;
     sync_dir(dir)?;
+    let mut deleted = false;
     for old in list(dir)? {
         if old != path {
             fs::remove_file(&old).map_err(io(&old))?;
+            deleted = true;
         }
+    }
+    if deleted {
+        // The deletions reach the disk now rather than whenever the filesystem commits.
+        sync_dir(dir)?;
     }
     Ok(HEADER as u64 + payload_len)
 }
@@ -203,6 +225,16 @@ pub(crate) fn write(dir: &Path, state: &State) -> Result<u64, CheckpointError> {
 /// Checkpoint files in `dir`, oldest first; leftover `.tmp` files of an interrupted write are
 /// deleted.
 fn list(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    Ok(list_generations(dir)?
+        .into_iter()
+        .map(|(_, path)| path)
+        .collect())
+}
+
+/// Checkpoint files in `dir` with their generations, oldest first; leftover `.tmp` files of an
+/// interrupted write are deleted. A `checkpoint-*.ckpt` whose name holds no generation is
+/// [`CheckpointError::Corrupt`]: ignoring it could skip the newest state.
+fn list_generations(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
     let mut found = Vec::new();
     for entry in fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
@@ -211,11 +243,18 @@ fn list(dir: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
         };
         if name.starts_with("checkpoint-") && name.ends_with(".ckpt.tmp") {
             fs::remove_file(&path).map_err(io(&path))?;
-        } else if name.starts_with("checkpoint-") && name.ends_with(".ckpt") {
-            found.push(path);
+        } else if let Some(number) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|rest| rest.strip_suffix(".ckpt"))
+        {
+            let generation = number.parse().map_err(|e| CheckpointError::Corrupt {
+                path: path.clone(),
+                reason: format!("its name holds no checkpoint generation: {e}"),
+            })?;
+            found.push((generation, path));
         }
     }
-    found.sort();
+    found.sort_unstable();
     Ok(found)
 }
 
@@ -407,6 +446,44 @@ mod tests {
                 assert_eq!(hitcounter_stack::shard::owner_of(key, 3), i);
             }
         }
+    }
+
+    /// Issue 12, finding 3: a checkpoint written after the wall clock stepped back must still be
+    /// the one loaded, even if an OS crash undid the deletion of the older file (deletions are
+    /// durable only once the directory is fsynced).
+    #[test]
+    fn a_clock_step_back_cannot_make_an_older_checkpoint_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut older = state(2_000);
+        older.producers[0].1.through = 10;
+        write(dir.path(), &older).unwrap();
+        let kept: Vec<(PathBuf, Vec<u8>)> = list(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|path| {
+                let bytes = fs::read(&path).unwrap();
+                (path, bytes)
+            })
+            .collect();
+        // The clock stepped back by a second; this checkpoint holds more progress.
+        let mut newer = state(1_000);
+        newer.producers[0].1.through = 20;
+        write(dir.path(), &newer).unwrap();
+        // A crash before the deletion reached the disk brings the older file back.
+        for (path, bytes) in kept {
+            if !path.exists() {
+                fs::write(&path, bytes).unwrap();
+            }
+        }
+        let (loaded, _) = load(dir.path(), 1, StoreLimits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            loaded.producers[0].1.through,
+            20,
+            "{}",
+            loaded.path.display()
+        );
     }
 
     #[test]
