@@ -23,7 +23,7 @@ use std::{
     fs,
     io::Write,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hitcounter_proto::ingest::v1::LoggedFlush;
@@ -38,8 +38,9 @@ pub(crate) struct Opened {
     pub(crate) lock: std::fs::File,
     pub(crate) producer_id: u64,
     pub(crate) logs: Logs,
-    /// Ledger records inside the horizon: (seq, at_ms), oldest first.
-    pub(crate) ledger_times: VecDeque<(u64, i64)>,
+    /// Ledger records inside the horizon: (seq, when recorded on the monotonic clock), oldest
+    /// first.
+    pub(crate) ledger_times: VecDeque<(u64, Instant)>,
 }
 
 fn failed(path: &Path) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
@@ -54,6 +55,35 @@ fn write_durably(path: &Path, content: &str) -> Result<(), IngestError> {
     fs::rename(&tmp, path).map_err(failed(path))?;
     if let Some(dir) = path.parent() {
         sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Creates `dir` and any missing parents, and makes each new directory's own entry durable
+/// (fsyncing its parent): otherwise an OS crash soon after the first start could lose the
+/// whole data directory, records reported durable included.
+fn create_dir_durably(dir: &Path) -> Result<(), IngestError> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.is_dir() {
+        missing.push(at);
+        match at.parent() {
+            Some(parent) => at = parent,
+            None => break,
+        }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    fs::create_dir_all(dir).map_err(failed(dir))?;
+    // Deepest first is fine: each fsync makes one new entry durable, and an entry is only
+    // reachable once every ancestor's is, which the loop reaches by its end.
+    for created in missing {
+        match created.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
+            // A relative path's first component lives in the working directory.
+            _ => sync_dir(Path::new("."))?,
+        }
     }
     Ok(())
 }
@@ -116,6 +146,7 @@ pub(crate) fn open(
     horizon: Duration,
 ) -> Result<Opened, IngestError> {
     let started = std::time::Instant::now();
+    create_dir_durably(dir)?;
     let lock = hitcounter_telemetry::lock_data_dir(dir).map_err(IngestError::Startup)?;
 
     let shards_path = dir.join("shards");
@@ -172,7 +203,10 @@ pub(crate) fn open(
         let age = Duration::from_millis(now_ms.saturating_sub(at_ms).max(0) as u64);
         if age < horizon {
             ledger.restore(&id, accepted, age);
-            ledger_times.push_back((seq, at_ms));
+            // Across a restart only the wall clock tells the age; from here on the monotonic
+            // clock does, for the ledger and for trimming alike.
+            let recorded = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            ledger_times.push_back((seq, recorded));
             known.insert(id);
             restored += 1;
         }
@@ -203,7 +237,8 @@ pub(crate) fn open(
         let records: Vec<&[u8]> = missing.iter().map(Vec::as_slice).collect();
         let seqs = ledger_log.append(&records).map_err(startup)?;
         ledger_log.sync_now().map_err(startup)?;
-        ledger_times.extend(seqs.map(|seq| (seq, now_ms)));
+        let recorded = Instant::now();
+        ledger_times.extend(seqs.map(|seq| (seq, recorded)));
         tracing::info!(ids = missing.len(), "batch ids re-recorded in the ledger");
     }
     main.sync_now().map_err(startup)?;
