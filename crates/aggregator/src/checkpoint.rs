@@ -58,7 +58,7 @@ pub enum CheckpointError {
         source: std::io::Error,
     },
     /// A checkpoint file is damaged or of an unknown format.
-    #[error("checkpoint {path} is unusable: {reason}; refusing to start from older state (move the file away to start from the previous checkpoint, accepting the loss)")]
+    #[error("checkpoint {path} is unusable: {reason}; refusing to start without it (there is no older checkpoint: writing one deletes the previous ones). To start anyway, move the file away: the aggregator starts empty, ingest resends every batch its log still holds, and the hits of older batches are lost (counted in hitcounter_aggregator_lost_batches_total)")]
     Corrupt {
         /// The file.
         path: PathBuf,
