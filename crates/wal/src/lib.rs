@@ -106,6 +106,9 @@ mod error;
 mod log;
 mod reader;
 mod segment;
+#[cfg(any(test, feature = "test-util"))]
+pub mod sim;
+pub mod storage;
 
 #[cfg(test)]
 mod tests;
