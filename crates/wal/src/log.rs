@@ -523,8 +523,23 @@ impl Log {
                 return Err(LogError::io("fdatasync", &self.active.path)(source));
             }
             self.data_dirty = false;
-            self.durable_seq = self.next_seq - 1;
         }
+        // The segment being sealed may itself be new since the last directory fsync (under
+        // `interval` and `never`, a sync may not have run since the previous roll): its records
+        // are durable only once its directory entry is, so sync the directory before reporting
+        // them durable. Otherwise an OS crash could drop the file and with it seqs already
+        // forwarded (a gap at open, or seqs handed out again).
+        if self.dir_dirty {
+            if let Err(source) = self.storage.sync_dir(&self.dir) {
+                self.set_poison(format!(
+                    "fsync of directory {} failed: {source}",
+                    self.dir.display()
+                ));
+                return Err(LogError::io("fsync directory", &self.dir)(source));
+            }
+            self.dir_dirty = false;
+        }
+        self.durable_seq = self.next_seq - 1;
         let (segment, file) = create_segment(&*self.storage, &self.dir, self.next_seq)?;
         tracing::debug!(file = %segment.path.display(), "rolled to a new segment");
         let sealed = std::mem::replace(&mut self.active, segment);

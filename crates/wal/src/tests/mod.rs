@@ -1,6 +1,8 @@
-//! Tests of the whole crate: codec properties, the writer and readers, and crash recovery.
+//! Tests of the whole crate: codec properties, the writer and readers, crash recovery, and the
+//! power-loss simulation.
 
 mod codec;
+mod power_loss;
 mod recovery;
 mod writer;
 
