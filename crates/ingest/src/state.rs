@@ -20,22 +20,29 @@
 
 use std::{
     collections::VecDeque,
-    fs,
     io::Write,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use hitcounter_proto::ingest::v1::LoggedFlush;
-use hitcounter_wal::{FsyncPolicy, Log, LogConfig};
+use hitcounter_wal::{
+    storage::{OpenMode, OsStorage, Storage},
+    FsyncPolicy, Log, LogConfig,
+};
 use prost::Message;
 
 use crate::{error::IngestError, ledger::BatchLedger, stages::log::Logs};
 
+#[cfg(test)]
+mod tests;
+
 /// What opening the data directory produced.
 pub(crate) struct Opened {
-    /// The data directory's lock, held for the life of the process.
-    pub(crate) lock: std::fs::File,
+    /// The data directory's lock, held for the life of the process (none in the power-loss
+    /// simulation, whose files are not on a real file system).
+    pub(crate) lock: Option<std::fs::File>,
     pub(crate) producer_id: u64,
     pub(crate) logs: Logs,
     /// Ledger records inside the horizon: (seq, when recorded on the monotonic clock), oldest
@@ -47,61 +54,29 @@ fn failed(path: &Path) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
     move |e| IngestError::Startup(format!("{}: {e}", path.display()))
 }
 
-fn write_durably(path: &Path, content: &str) -> Result<(), IngestError> {
+/// Writes `content` to `path` atomically and durably: a temporary file, fsynced, renamed over
+/// `path`, and the directory fsynced.
+fn write_durably(storage: &dyn Storage, path: &Path, content: &str) -> Result<(), IngestError> {
     let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp).map_err(failed(&tmp))?;
+    let mut file = storage
+        .open(&tmp, OpenMode::CreateTruncate)
+        .map_err(failed(&tmp))?;
     file.write_all(content.as_bytes()).map_err(failed(&tmp))?;
     file.sync_all().map_err(failed(&tmp))?;
-    fs::rename(&tmp, path).map_err(failed(path))?;
+    storage.rename(&tmp, path).map_err(failed(path))?;
     if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
+        storage.sync_dir(dir).map_err(failed(dir))?;
     }
     Ok(())
 }
 
-/// Creates `dir` and any missing parents, and makes each new directory's own entry durable
-/// (fsyncing its parent): otherwise an OS crash soon after the first start could lose the
-/// whole data directory, records reported durable included.
-fn create_dir_durably(dir: &Path) -> Result<(), IngestError> {
-    let mut missing = Vec::new();
-    let mut at = dir;
-    while !at.is_dir() {
-        missing.push(at);
-        match at.parent() {
-            Some(parent) => at = parent,
-            None => break,
-        }
-    }
-    if missing.is_empty() {
-        return Ok(());
-    }
-    fs::create_dir_all(dir).map_err(failed(dir))?;
-    // Deepest first is fine: each fsync makes one new entry durable, and an entry is only
-    // reachable once every ancestor's is, which the loop reaches by its end.
-    for created in missing {
-        match created.parent() {
-            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(parent)?,
-            // A relative path's first component lives in the working directory.
-            _ => sync_dir(Path::new("."))?,
-        }
-    }
-    Ok(())
-}
-
-/// Makes the creations, renames and deletions of entries in `dir` durable.
-fn sync_dir(dir: &Path) -> Result<(), IngestError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(failed(dir))
-}
-
-fn read_number(path: &Path) -> Result<Option<u64>, IngestError> {
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            text.trim().parse().map(Some).map_err(|e| {
-                IngestError::Startup(format!("{} is not a number: {e}", path.display()))
-            })
-        }
+fn read_number(storage: &dyn Storage, path: &Path) -> Result<Option<u64>, IngestError> {
+    match storage.read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes)
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| IngestError::Startup(format!("{} is not a number: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(failed(path)(e)),
     }
@@ -109,13 +84,13 @@ fn read_number(path: &Path) -> Result<Option<u64>, IngestError> {
 
 /// The producer id for the log `main`: the recorded one if the log ever held a record, else a
 /// new random one (written durably before any record can be sent under it).
-fn producer_identity(dir: &Path, main: &Log) -> Result<u64, IngestError> {
+fn producer_identity(storage: &dyn Storage, dir: &Path, main: &Log) -> Result<u64, IngestError> {
     let id_path = dir.join("producer-id");
     // A log that never held a record (new, or the old one moved away) must not inherit the
     // recorded id: an aggregator may hold "applied through N" for it and would swallow this
     // log's seqs 1..=N as resends.
     let recorded = if main.next_seq() > 1 {
-        read_number(&id_path)?
+        read_number(storage, &id_path)?
     } else {
         None
     };
@@ -132,7 +107,7 @@ fn producer_identity(dir: &Path, main: &Log) -> Result<u64, IngestError> {
             "the ingest log has records but no producer id was recorded: using a new one"
         );
     }
-    write_durably(&id_path, &format!("{id}\n"))?;
+    write_durably(storage, &id_path, &format!("{id}\n"))?;
     Ok(id)
 }
 
@@ -145,9 +120,29 @@ pub(crate) fn open(
     ledger: &BatchLedger,
     horizon: Duration,
 ) -> Result<Opened, IngestError> {
-    let started = std::time::Instant::now();
-    create_dir_durably(dir)?;
+    let storage: Arc<dyn Storage> = Arc::new(OsStorage);
+    // Each new directory's own entry is made durable (an OS crash soon after the first start
+    // must not lose the data directory), before the lock file goes into it.
+    storage.create_dir_all_durably(dir).map_err(failed(dir))?;
     let lock = hitcounter_telemetry::lock_data_dir(dir).map_err(IngestError::Startup)?;
+    let mut opened = open_in(storage, dir, shards, fsync, segment_bytes, ledger, horizon)?;
+    opened.lock = Some(lock);
+    Ok(opened)
+}
+
+/// [`open`] with the files in `storage`, and no lock file (the power-loss simulation's files
+/// are not on a real file system).
+pub(crate) fn open_in(
+    storage: Arc<dyn Storage>,
+    dir: &Path,
+    shards: usize,
+    fsync: FsyncPolicy,
+    segment_bytes: u64,
+    ledger: &BatchLedger,
+    horizon: Duration,
+) -> Result<Opened, IngestError> {
+    let started = std::time::Instant::now();
+    storage.create_dir_all_durably(dir).map_err(failed(dir))?;
 
     let shards_path = dir.join("shards");
     let open_log = |path: PathBuf| {
@@ -156,7 +151,8 @@ pub(crate) fn open(
             segment_bytes,
             fsync,
         };
-        Log::open(config).map_err(|e| IngestError::Startup(format!("{}: {e}", path.display())))
+        Log::open_in(config, Arc::clone(&storage))
+            .map_err(|e| IngestError::Startup(format!("{}: {e}", path.display())))
     };
     let (mut main, recovery) = open_log(dir.join("log"))?;
     if let Some(cut) = &recovery.truncated {
@@ -168,9 +164,9 @@ pub(crate) fn open(
             "cut a torn write at the end of the ingest log"
         );
     }
-    let producer_id = producer_identity(dir, &main)?;
+    let producer_id = producer_identity(&*storage, dir, &main)?;
     let replay = main.next_seq() - main.first_seq();
-    if let Some(before) = read_number(&shards_path)? {
+    if let Some(before) = read_number(&*storage, &shards_path)? {
         if before != shards as u64 && replay > 0 {
             // The records hold deltas already split for `before` shards; re-sharding them is not
             // supported, so refuse rather than send them to the wrong place.
@@ -180,7 +176,7 @@ pub(crate) fn open(
             )));
         }
     }
-    write_durably(&shards_path, &format!("{shards}\n"))?;
+    write_durably(&*storage, &shards_path, &format!("{shards}\n"))?;
 
     let (mut ledger_log, ledger_recovery) = open_log(dir.join("ledger"))?;
     if let Some(cut) = &ledger_recovery.truncated {
@@ -256,7 +252,7 @@ pub(crate) fn open(
         "ingest state recovered"
     );
     Ok(Opened {
-        lock,
+        lock: None,
         producer_id,
         logs: Logs {
             main,

@@ -159,7 +159,10 @@ impl LogStage {
     /// Writes one flush. Returns the new last seq on disk (if anything was written) and the
     /// ledger records written. Blocking.
     #[allow(clippy::type_complexity)]
-    fn write(&self, flush: Flush) -> Result<(Option<u64>, Vec<(u64, Instant)>), IngestError> {
+    pub(crate) fn write(
+        &self,
+        flush: Flush,
+    ) -> Result<(Option<u64>, Vec<(u64, Instant)>), IngestError> {
         let Flush {
             shards,
             waiters,
@@ -242,7 +245,7 @@ impl LogStage {
     /// Periodic work: sync (for `--fsync interval`), trim what the aggregators hold durably and
     /// ledger records past the horizon. Returns the bytes held. Blocking.
     #[allow(clippy::type_complexity)]
-    fn housekeep(
+    pub(crate) fn housekeep(
         &self,
         mut ledger_times: VecDeque<(u64, Instant)>,
     ) -> Result<(u64, VecDeque<(u64, Instant)>, u64), IngestError> {
