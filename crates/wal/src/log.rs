@@ -429,6 +429,18 @@ impl Log {
         Ok(freed)
     }
 
+    /// Whether [`Log::trim`] with `through` would delete at least one segment (for a caller that
+    /// must make something else durable first).
+    pub fn can_trim(&self, through: u64) -> bool {
+        self.sealed.front().is_some() && {
+            let next_first = self
+                .sealed
+                .get(1)
+                .map_or(self.active.first_seq, |s| s.first_seq);
+            next_first - 1 <= through
+        }
+    }
+
     /// Bytes of all segment files.
     pub fn size_bytes(&self) -> u64 {
         self.sealed.iter().map(|s| s.bytes).sum::<u64>() + self.active.bytes

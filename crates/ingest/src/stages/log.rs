@@ -271,6 +271,12 @@ impl LogStage {
         // Every shard's aggregator must hold a flush before it can go.
         let durable = self.durable.iter().map(|d| *d.borrow()).min().unwrap_or(0);
         if durable >= logs.main.first_seq() {
+            if logs.main.can_trim(durable) {
+                // Once trimmed, a record's batch ids live only in the ledger, which under
+                // `--fsync interval/never` may not be on disk yet: an OS crash would then forget
+                // them and count a retry twice (found by the power-loss simulation).
+                logs.ledger.sync_now().map_err(fail)?;
+            }
             let freed = logs.main.trim(durable).map_err(fail)?;
             if freed > 0 {
                 tracing::debug!(durable, freed, "log trimmed");

@@ -4,6 +4,7 @@
 mod codec;
 mod power_loss;
 mod recovery;
+mod trim;
 mod writer;
 
 use std::path::{Path, PathBuf};
