@@ -322,3 +322,23 @@ pub fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// Starts an aggregator listening on `addr`, e.g. where a stopped one listened, so that ingest
+/// and query reach the new process at the old address; extra `args` as for
+/// [`start_aggregator`].
+pub async fn start_aggregator_on(addr: SocketAddr, args: &[&str]) -> anyhow::Result<Running> {
+    let (line, data_dir) = command_line("hitcounter-aggregator", &[], args, true)?;
+    let config = hitcounter_aggregator::Config::try_parse_from(line)?;
+    let listeners = Listeners::bind(addr, Some("127.0.0.1:0".parse()?)).await?;
+    let (addr, metrics_addr) = addrs(&listeners)?;
+    let shutdown = CancellationToken::new();
+    let served = hitcounter_aggregator::serve(config, listeners, shutdown.clone());
+    let task = tokio::spawn(async move { served.await.map_err(|e| e.to_string()) });
+    Ok(Running {
+        addr,
+        metrics_addr,
+        shutdown,
+        task,
+        data_dir,
+    })
+}

@@ -9,6 +9,12 @@
 //! Bounded: at most `max_above` seqs above the watermark per producer (a gap that never fills is
 //! given up on, loudly) and at most `max_producers` producers (the least recently seen is
 //! forgotten).
+//!
+//! A producer also says which seq its log starts at; seqs below it will never come again. If
+//! the watermark is lower (this aggregator lost its state, or forgot the producer), the batches
+//! in between are lost for good: [`AppliedBatches::skip_gone`] moves the watermark over them and
+//! reports them, so the producer's later batches make progress instead of waiting on a gap that
+//! cannot fill.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -62,9 +68,14 @@ impl AppliedBatches {
         self.producers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Marks (producer, seq) as applied; false when it already was (a resend).
-    pub(crate) fn first_time(&self, producer: u64, seq: u64, tick: u64) -> bool {
-        let mut producers = self.lock();
+    /// The entry of `producer`, made (forgetting the least recently seen producer if there are
+    /// too many) if it has none.
+    fn entry<'a>(
+        &self,
+        producers: &'a mut HashMap<u64, Entry>,
+        producer: u64,
+        tick: u64,
+    ) -> &'a mut Entry {
         if !producers.contains_key(&producer) && producers.len() >= self.max_producers {
             if let Some(oldest) = producers
                 .iter()
@@ -83,7 +94,41 @@ impl AppliedBatches {
             last_used: tick,
         });
         entry.last_used = tick;
-        let progress = &mut entry.progress;
+        entry
+    }
+
+    /// The producer's log starts at `first_kept`: every seq below it that is not applied can
+    /// never arrive. Moves the watermark up to `first_kept - 1` if it is lower, and returns how
+    /// many seqs were given up and the range they lie in (`None` if none was).
+    pub(crate) fn skip_gone(
+        &self,
+        producer: u64,
+        first_kept: u64,
+        tick: u64,
+    ) -> Option<(u64, std::ops::RangeInclusive<u64>)> {
+        // Nothing can be gone below seq 1 (and 0 means the producer did not say).
+        let last_gone = first_kept.checked_sub(1).filter(|&last| last > 0)?;
+        let mut producers = self.lock();
+        let progress = &mut self.entry(&mut producers, producer, tick).progress;
+        if progress.through >= last_gone {
+            return None;
+        }
+        let gone = progress.through + 1..=last_gone;
+        let applied_in_gap = progress.above.range(gone.clone()).count() as u64;
+        let missing = (last_gone - progress.through) - applied_in_gap;
+        progress.above = progress.above.split_off(&first_kept);
+        progress.through = last_gone;
+        while progress.above.first() == Some(&(progress.through + 1)) {
+            progress.above.pop_first();
+            progress.through += 1;
+        }
+        (missing > 0).then_some((missing, gone))
+    }
+
+    /// Marks (producer, seq) as applied; false when it already was (a resend).
+    pub(crate) fn first_time(&self, producer: u64, seq: u64, tick: u64) -> bool {
+        let mut producers = self.lock();
+        let progress = &mut self.entry(&mut producers, producer, tick).progress;
         if progress.contains(seq) {
             return false;
         }
@@ -195,6 +240,34 @@ mod tests {
         assert!(applied.first_time(2, 1, 1));
         assert!(applied.first_time(3, 1, 2));
         assert!(applied.first_time(1, 1, 3), "producer 1 was forgotten");
+    }
+
+    #[test]
+    fn seqs_below_the_producer_s_log_are_given_up_once() {
+        let applied = AppliedBatches::new(100, 10);
+        // State lost: nothing known of producer 4, whose log now starts at 11.
+        assert_eq!(applied.skip_gone(4, 11, 0), Some((10, 1..=10)));
+        assert_eq!(applied.skip_gone(4, 11, 0), None, "reported once");
+        assert!(
+            !applied.first_time(4, 10, 0),
+            "a seq below the log cannot be applied late"
+        );
+        assert!(applied.first_time(4, 11, 0));
+        // Seqs applied above a gap are not counted as lost, and the watermark runs over them.
+        assert!(applied.first_time(4, 14, 0));
+        assert!(applied.first_time(4, 16, 0));
+        assert_eq!(applied.skip_gone(4, 15, 0), Some((2, 12..=14)));
+        let snapshot: HashMap<_, _> = applied.snapshot().into_iter().collect();
+        assert_eq!(
+            snapshot[&4],
+            Progress {
+                through: 14,
+                above: [16].into()
+            }
+        );
+        // A producer that says nothing (0) or whose log starts right after the watermark.
+        assert_eq!(applied.skip_gone(4, 0, 0), None);
+        assert_eq!(applied.skip_gone(4, 15, 0), None);
     }
 
     #[test]

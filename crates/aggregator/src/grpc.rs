@@ -85,6 +85,22 @@ impl Applier {
             durable_through: self.durable_through(producer),
             incarnation: self.incarnation,
         };
+        if let Some((missing, gone)) = self.applied.skip_gone(producer, batch.first_kept_seq, tick)
+        {
+            // Under the gate, like an apply: a checkpoint holds the new watermark or the old.
+            metrics::counter!("hitcounter_aggregator_lost_batches_total").increment(missing);
+            tracing::error!(
+                producer,
+                first_gone = gone.start(),
+                last_gone = gone.end(),
+                missing,
+                first_kept = batch.first_kept_seq,
+                "batches of this producer that this aggregator does not hold are gone from the \
+                 producer's log: their hits are lost (this aggregator lost its state, e.g. its \
+                 data directory or checkpoint, or forgot the producer at --max-producers); \
+                 going on from the producer's oldest kept batch"
+            );
+        }
         if seq == 0 {
             return Ok(ack(true, 0));
         }

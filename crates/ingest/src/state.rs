@@ -1,11 +1,16 @@
 //! Ingest's data directory: what survives a restart.
 //!
 //! ```text
-//! <data-dir>/producer-id    this instance's id towards the aggregators (random, made once)
+//! <data-dir>/producer-id    the log's id towards the aggregators (random, made with the log)
 //! <data-dir>/shards         the shard count the log was written for
 //! <data-dir>/log/           the ingest log: one record per flush (see hitcounter-wal)
 //! <data-dir>/ledger/        the batch-id ledger log
 //! ```
+//!
+//! The producer id names the log, not the data directory: the aggregators deduplicate by
+//! (producer id, seq), and a fresh log numbers its records from 1 again. A log that has never held
+//! a record therefore always gets a new random id, so moving `log/` away (the re-shard procedure)
+//! can never make an aggregator take the new log's seqs for ones it applied from the old log.
 //!
 //! Opening it recovers both logs (checksums, torn tails cut), restores the batch ids still
 //! inside the dedup horizon, and reports what will be replayed to the aggregators. Batch ids
@@ -15,56 +20,95 @@
 
 use std::{
     collections::VecDeque,
-    fs,
     io::Write,
     path::{Path, PathBuf},
-    time::Duration,
+    sync::Arc,
+    time::{Duration, Instant},
 };
 
 use hitcounter_proto::ingest::v1::LoggedFlush;
-use hitcounter_wal::{FsyncPolicy, Log, LogConfig};
+use hitcounter_wal::{
+    storage::{OpenMode, OsStorage, Storage},
+    FsyncPolicy, Log, LogConfig,
+};
 use prost::Message;
 
 use crate::{error::IngestError, ledger::BatchLedger, stages::log::Logs};
 
+#[cfg(test)]
+mod tests;
+
 /// What opening the data directory produced.
 pub(crate) struct Opened {
-    /// The data directory's lock, held for the life of the process.
-    pub(crate) lock: std::fs::File,
+    /// The data directory's lock, held for the life of the process (none in the power-loss
+    /// simulation, whose files are not on a real file system).
+    pub(crate) lock: Option<std::fs::File>,
     pub(crate) producer_id: u64,
     pub(crate) logs: Logs,
-    /// Ledger records inside the horizon: (seq, at_ms), oldest first.
-    pub(crate) ledger_times: VecDeque<(u64, i64)>,
+    /// Ledger records inside the horizon: (seq, when recorded on the monotonic clock), oldest
+    /// first.
+    pub(crate) ledger_times: VecDeque<(u64, Instant)>,
 }
 
 fn failed(path: &Path) -> impl FnOnce(std::io::Error) -> IngestError + '_ {
     move |e| IngestError::Startup(format!("{}: {e}", path.display()))
 }
 
-fn write_durably(path: &Path, content: &str) -> Result<(), IngestError> {
+/// Writes `content` to `path` atomically and durably: a temporary file, fsynced, renamed over
+/// `path`, and the directory fsynced.
+fn write_durably(storage: &dyn Storage, path: &Path, content: &str) -> Result<(), IngestError> {
     let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp).map_err(failed(&tmp))?;
+    let mut file = storage
+        .open(&tmp, OpenMode::CreateTruncate)
+        .map_err(failed(&tmp))?;
     file.write_all(content.as_bytes()).map_err(failed(&tmp))?;
     file.sync_all().map_err(failed(&tmp))?;
-    fs::rename(&tmp, path).map_err(failed(path))?;
+    storage.rename(&tmp, path).map_err(failed(path))?;
     if let Some(dir) = path.parent() {
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(failed(dir))?;
+        storage.sync_dir(dir).map_err(failed(dir))?;
     }
     Ok(())
 }
 
-fn read_number(path: &Path) -> Result<Option<u64>, IngestError> {
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            text.trim().parse().map(Some).map_err(|e| {
-                IngestError::Startup(format!("{} is not a number: {e}", path.display()))
-            })
-        }
+fn read_number(storage: &dyn Storage, path: &Path) -> Result<Option<u64>, IngestError> {
+    match storage.read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes)
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| IngestError::Startup(format!("{} is not a number: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(failed(path)(e)),
     }
+}
+
+/// The producer id for the log `main`: the recorded one if the log ever held a record, else a
+/// new random one (written durably before any record can be sent under it).
+fn producer_identity(storage: &dyn Storage, dir: &Path, main: &Log) -> Result<u64, IngestError> {
+    let id_path = dir.join("producer-id");
+    // A log that never held a record (new, or the old one moved away) must not inherit the
+    // recorded id: an aggregator may hold "applied through N" for it and would swallow this
+    // log's seqs 1..=N as resends.
+    let recorded = if main.next_seq() > 1 {
+        read_number(storage, &id_path)?
+    } else {
+        None
+    };
+    if let Some(id) = recorded {
+        return Ok(id);
+    }
+    let id: u64 = rand::random();
+    if main.next_seq() > 1 {
+        // Records but no id: they go out under a new one, and each batch tells the aggregators
+        // which seqs the log no longer holds.
+        tracing::warn!(
+            file = %id_path.display(),
+            producer_id = id,
+            "the ingest log has records but no producer id was recorded: using a new one"
+        );
+    }
+    write_durably(storage, &id_path, &format!("{id}\n"))?;
+    Ok(id)
 }
 
 /// Opens (creating) the data directory. Blocking: run it on a blocking thread.
@@ -76,18 +120,29 @@ pub(crate) fn open(
     ledger: &BatchLedger,
     horizon: Duration,
 ) -> Result<Opened, IngestError> {
-    let started = std::time::Instant::now();
+    let storage: Arc<dyn Storage> = Arc::new(OsStorage);
+    // Each new directory's own entry is made durable (an OS crash soon after the first start
+    // must not lose the data directory), before the lock file goes into it.
+    storage.create_dir_all_durably(dir).map_err(failed(dir))?;
     let lock = hitcounter_telemetry::lock_data_dir(dir).map_err(IngestError::Startup)?;
+    let mut opened = open_in(storage, dir, shards, fsync, segment_bytes, ledger, horizon)?;
+    opened.lock = Some(lock);
+    Ok(opened)
+}
 
-    let id_path = dir.join("producer-id");
-    let producer_id = match read_number(&id_path)? {
-        Some(id) => id,
-        None => {
-            let id: u64 = rand::random();
-            write_durably(&id_path, &format!("{id}\n"))?;
-            id
-        }
-    };
+/// [`open`] with the files in `storage`, and no lock file (the power-loss simulation's files
+/// are not on a real file system).
+pub(crate) fn open_in(
+    storage: Arc<dyn Storage>,
+    dir: &Path,
+    shards: usize,
+    fsync: FsyncPolicy,
+    segment_bytes: u64,
+    ledger: &BatchLedger,
+    horizon: Duration,
+) -> Result<Opened, IngestError> {
+    let started = std::time::Instant::now();
+    storage.create_dir_all_durably(dir).map_err(failed(dir))?;
 
     let shards_path = dir.join("shards");
     let open_log = |path: PathBuf| {
@@ -96,7 +151,8 @@ pub(crate) fn open(
             segment_bytes,
             fsync,
         };
-        Log::open(config).map_err(|e| IngestError::Startup(format!("{}: {e}", path.display())))
+        Log::open_in(config, Arc::clone(&storage))
+            .map_err(|e| IngestError::Startup(format!("{}: {e}", path.display())))
     };
     let (mut main, recovery) = open_log(dir.join("log"))?;
     if let Some(cut) = &recovery.truncated {
@@ -108,8 +164,9 @@ pub(crate) fn open(
             "cut a torn write at the end of the ingest log"
         );
     }
+    let producer_id = producer_identity(&*storage, dir, &main)?;
     let replay = main.next_seq() - main.first_seq();
-    if let Some(before) = read_number(&shards_path)? {
+    if let Some(before) = read_number(&*storage, &shards_path)? {
         if before != shards as u64 && replay > 0 {
             // The records hold deltas already split for `before` shards; re-sharding them is not
             // supported, so refuse rather than send them to the wrong place.
@@ -119,7 +176,7 @@ pub(crate) fn open(
             )));
         }
     }
-    write_durably(&shards_path, &format!("{shards}\n"))?;
+    write_durably(&*storage, &shards_path, &format!("{shards}\n"))?;
 
     let (mut ledger_log, ledger_recovery) = open_log(dir.join("ledger"))?;
     if let Some(cut) = &ledger_recovery.truncated {
@@ -142,7 +199,10 @@ pub(crate) fn open(
         let age = Duration::from_millis(now_ms.saturating_sub(at_ms).max(0) as u64);
         if age < horizon {
             ledger.restore(&id, accepted, age);
-            ledger_times.push_back((seq, at_ms));
+            // Across a restart only the wall clock tells the age; from here on the monotonic
+            // clock does, for the ledger and for trimming alike.
+            let recorded = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+            ledger_times.push_back((seq, recorded));
             known.insert(id);
             restored += 1;
         }
@@ -173,7 +233,8 @@ pub(crate) fn open(
         let records: Vec<&[u8]> = missing.iter().map(Vec::as_slice).collect();
         let seqs = ledger_log.append(&records).map_err(startup)?;
         ledger_log.sync_now().map_err(startup)?;
-        ledger_times.extend(seqs.map(|seq| (seq, now_ms)));
+        let recorded = Instant::now();
+        ledger_times.extend(seqs.map(|seq| (seq, recorded)));
         tracing::info!(ids = missing.len(), "batch ids re-recorded in the ledger");
     }
     main.sync_now().map_err(startup)?;
@@ -191,7 +252,7 @@ pub(crate) fn open(
         "ingest state recovered"
     );
     Ok(Opened {
-        lock,
+        lock: None,
         producer_id,
         logs: Logs {
             main,

@@ -53,7 +53,8 @@
 //!   a seq that does not follow its predecessor (inside a segment, or between segments: a
 //!   missing or renamed segment), or an unparsable segment file name. An operator must look.
 //! * Only the last segment can legitimately be torn, because rolling to a new segment first
-//!   fsyncs the old one, under every policy.
+//!   fsyncs the old one, under every policy (and the directory, if the old segment's own entry
+//!   is not durable yet: records are never reported durable in a file that could vanish).
 //!
 //! After recovery the active segment and the directory are fsynced, so all recovered records
 //! are durable ([`Log::durable_seq`]) even if the previous process never synced them.
@@ -90,8 +91,8 @@
 //! # Concurrency
 //!
 //! One writer per directory, not enforced across processes (no lock file): the caller must
-//! ensure it. All I/O is blocking `std::fs`: run it on a dedicated thread or in
-//! `spawn_blocking`. Readers have their own file handles and may run on other threads; they
+//! ensure it. All I/O is blocking (`std::fs` through [`storage::OsStorage`]): run it on a
+//! dedicated thread or in `spawn_blocking`. Readers have their own file handles and may run on other threads; they
 //! read only up to the seq the caller says has been appended.
 //!
 //! Seqs are only stable once durable: after an OS crash, records that were appended but not
@@ -100,12 +101,25 @@
 //!
 //! Unix semantics are assumed: a trimmed segment stays readable through an open handle, and
 //! directories can be fsynced.
+//!
+//! # Storage, and the power-loss simulation
+//!
+//! Every file operation goes through a [`storage::Storage`]: [`Log::open`] uses the real file
+//! system, [`Log::open_in`] any other. With the `test-util` feature, `sim::SimStorage` is an
+//! in-memory file system that remembers what was fsynced and can lose power at a chosen
+//! operation, dropping every file content and directory entry that was not; the power-loss
+//! tests (`src/tests/power_loss.rs`, and those of the ingest data directory and the
+//! aggregator's checkpoints) run thousands of seeded crash points against it, under every
+//! policy. `kill -9` cannot test this: the page cache survives a process crash.
 
 mod codec;
 mod error;
 mod log;
 mod reader;
 mod segment;
+#[cfg(any(test, feature = "test-util"))]
+pub mod sim;
+pub mod storage;
 
 #[cfg(test)]
 mod tests;

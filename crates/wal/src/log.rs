@@ -1,7 +1,6 @@
 //! The writer side: opening with recovery, appending, syncing, rolling and trimming segments.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -12,8 +11,9 @@ use crate::codec::{encode_record, DecodeError, MAX_RECORD_BYTES, RECORD_HEADER_B
 use crate::error::LogError;
 use crate::reader::LogReader;
 use crate::segment::{
-    find_valid_record_after, list_segments, segment_file_name, sync_dir, SegmentCursor, Step,
+    find_valid_record_after, list_segments, segment_file_name, SegmentCursor, Step,
 };
+use crate::storage::{OpenMode, OsStorage, Storage, StorageFile};
 
 /// Default [`LogConfig::segment_bytes`]: 64 MiB.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -108,6 +108,8 @@ pub(crate) type Poison = Arc<OnceLock<String>>;
 /// [`Log::sync`] once for all of them (group commit).
 #[derive(Debug)]
 pub struct Log {
+    /// Where the files live: the real file system, or a simulation in tests.
+    storage: Arc<dyn Storage>,
     dir: PathBuf,
     segment_bytes: u64,
     fsync: FsyncPolicy,
@@ -115,7 +117,7 @@ pub struct Log {
     sealed: VecDeque<Segment>,
     /// The segment being appended to (always exists, possibly empty).
     active: Segment,
-    active_file: File,
+    active_file: Box<dyn StorageFile>,
     next_seq: u64,
     /// Highest seq covered by a completed fsync (0 if none).
     durable_seq: u64,
@@ -153,21 +155,26 @@ impl Log {
     /// record is durable whatever the policy ([`Log::durable_seq`] starts at
     /// `next_seq - 1`).
     pub fn open(config: LogConfig) -> Result<(Log, Recovery), LogError> {
+        Self::open_in(config, Arc::new(OsStorage))
+    }
+
+    /// [`Log::open`] with the files in `storage` (the simulated storage of the power-loss
+    /// tests, for instance) instead of the real file system.
+    pub fn open_in(
+        config: LogConfig,
+        storage: Arc<dyn Storage>,
+    ) -> Result<(Log, Recovery), LogError> {
         let LogConfig {
             dir,
             segment_bytes,
             fsync,
         } = config;
-        let existed = dir.is_dir();
-        std::fs::create_dir_all(&dir).map_err(LogError::io("create directory", &dir))?;
-        if !existed {
-            // Make the new directory's own entry durable.
-            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                sync_dir(parent).map_err(LogError::io("fsync directory", parent))?;
-            }
-        }
+        // Every new directory's own entry is made durable, up to the first that existed.
+        storage
+            .create_dir_all_durably(&dir)
+            .map_err(LogError::io("create directory", &dir))?;
 
-        let files = list_segments(&dir)?;
+        let files = list_segments(&*storage, &dir)?;
         let mut segments = Vec::with_capacity(files.len());
         let mut records = 0u64;
         let mut truncated = None;
@@ -187,7 +194,7 @@ impl Log {
                 }
             }
             let is_last = i + 1 == files.len();
-            let scanned = scan_segment(path, *first_seq, is_last)?;
+            let scanned = scan_segment(&*storage, path, *first_seq, is_last)?;
             records += scanned.records;
             if scanned.truncated.is_some() {
                 truncated = scanned.truncated;
@@ -206,20 +213,21 @@ impl Log {
         };
         let (active, active_file) = match segments.pop() {
             Some(active) => {
-                let file = OpenOptions::new()
-                    .append(true)
-                    .open(&active.path)
+                let file = storage
+                    .open(&active.path, OpenMode::Append)
                     .map_err(LogError::io("open for append", &active.path))?;
                 (active, file)
             }
-            None => create_segment(&dir, next_seq)?,
+            None => create_segment(&*storage, &dir, next_seq)?,
         };
         // Whatever a previous process left in the page cache becomes durable now, so every
         // recovered record is durable and later syncs only cover new appends.
         active_file
             .sync_data()
             .map_err(LogError::io("fdatasync", &active.path))?;
-        sync_dir(&dir).map_err(LogError::io("fsync directory", &dir))?;
+        storage
+            .sync_dir(&dir)
+            .map_err(LogError::io("fsync directory", &dir))?;
 
         let recovery = Recovery {
             segments: segments.len() + 1,
@@ -236,6 +244,7 @@ impl Log {
             "opened log"
         );
         let log = Log {
+            storage,
             dir,
             segment_bytes,
             fsync,
@@ -402,7 +411,7 @@ impl Log {
             if next_first - 1 > through {
                 break;
             }
-            match std::fs::remove_file(&oldest.path) {
+            match self.storage.remove_file(&oldest.path) {
                 Ok(()) => {}
                 // Already gone (e.g. a previous attempt failed after the unlink): same outcome.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -410,12 +419,26 @@ impl Log {
             }
             freed += oldest.bytes;
             self.sealed.pop_front();
-            sync_dir(&self.dir).map_err(LogError::io("fsync directory", &self.dir))?;
+            self.storage
+                .sync_dir(&self.dir)
+                .map_err(LogError::io("fsync directory", &self.dir))?;
         }
         if freed > 0 {
             tracing::debug!(dir = %self.dir.display(), through, freed, first_seq = self.first_seq(), "trimmed log");
         }
         Ok(freed)
+    }
+
+    /// Whether [`Log::trim`] with `through` would delete at least one segment (for a caller that
+    /// must make something else durable first).
+    pub fn can_trim(&self, through: u64) -> bool {
+        self.sealed.front().is_some() && {
+            let next_first = self
+                .sealed
+                .get(1)
+                .map_or(self.active.first_seq, |s| s.first_seq);
+            next_first - 1 <= through
+        }
     }
 
     /// Bytes of all segment files.
@@ -463,6 +486,7 @@ impl Log {
             .filter(|_| from_seq < self.active.first_seq)
             .unwrap_or(&self.active);
         LogReader::new(
+            Arc::clone(&self.storage),
             self.dir.clone(),
             segment.first_seq,
             &segment.path,
@@ -483,7 +507,7 @@ impl Log {
             self.data_dirty = false;
         }
         if self.dir_dirty {
-            if let Err(source) = sync_dir(&self.dir) {
+            if let Err(source) = self.storage.sync_dir(&self.dir) {
                 self.set_poison(format!(
                     "fsync of directory {} failed: {source}",
                     self.dir.display()
@@ -511,9 +535,24 @@ impl Log {
                 return Err(LogError::io("fdatasync", &self.active.path)(source));
             }
             self.data_dirty = false;
-            self.durable_seq = self.next_seq - 1;
         }
-        let (segment, file) = create_segment(&self.dir, self.next_seq)?;
+        // The segment being sealed may itself be new since the last directory fsync (under
+        // `interval` and `never`, a sync may not have run since the previous roll): its records
+        // are durable only once its directory entry is, so sync the directory before reporting
+        // them durable. Otherwise an OS crash could drop the file and with it seqs already
+        // forwarded (a gap at open, or seqs handed out again).
+        if self.dir_dirty {
+            if let Err(source) = self.storage.sync_dir(&self.dir) {
+                self.set_poison(format!(
+                    "fsync of directory {} failed: {source}",
+                    self.dir.display()
+                ));
+                return Err(LogError::io("fsync directory", &self.dir)(source));
+            }
+            self.dir_dirty = false;
+        }
+        self.durable_seq = self.next_seq - 1;
+        let (segment, file) = create_segment(&*self.storage, &self.dir, self.next_seq)?;
         tracing::debug!(file = %segment.path.display(), "rolled to a new segment");
         let sealed = std::mem::replace(&mut self.active, segment);
         self.sealed.push_back(sealed);
@@ -540,12 +579,14 @@ impl Log {
 }
 
 /// Creates the empty segment file for `first_seq` (failing if it exists).
-fn create_segment(dir: &Path, first_seq: u64) -> Result<(Segment, File), LogError> {
+fn create_segment(
+    storage: &dyn Storage,
+    dir: &Path,
+    first_seq: u64,
+) -> Result<(Segment, Box<dyn StorageFile>), LogError> {
     let path = dir.join(segment_file_name(first_seq));
-    let file = OpenOptions::new()
-        .append(true)
-        .create_new(true)
-        .open(&path)
+    let file = storage
+        .open(&path, OpenMode::CreateNew)
         .map_err(LogError::io("create segment", &path))?;
     Ok((
         Segment {
@@ -558,14 +599,20 @@ fn create_segment(dir: &Path, first_seq: u64) -> Result<(Segment, File), LogErro
 }
 
 /// Reads and checksums every record of one segment. For the last segment, cuts a torn tail.
-fn scan_segment(path: &Path, first_seq: u64, is_last: bool) -> Result<Scanned, LogError> {
+fn scan_segment(
+    storage: &dyn Storage,
+    path: &Path,
+    first_seq: u64,
+    is_last: bool,
+) -> Result<Scanned, LogError> {
     let corrupt = |offset: u64, reason: String| LogError::Corrupt {
         file: path.to_path_buf(),
         offset,
         reason,
     };
     let read_err = |offset: u64| LogError::io(format!("read at offset {offset}"), path);
-    let mut cursor = SegmentCursor::open(path).map_err(LogError::io("open for reading", path))?;
+    let mut cursor =
+        SegmentCursor::open(storage, path).map_err(LogError::io("open for reading", path))?;
     let mut expected = first_seq;
     let mut records = 0u64;
     // Where the good records end and why the rest is not a record, if it is not.
@@ -615,8 +662,10 @@ fn scan_segment(path: &Path, first_seq: u64, is_last: bool) -> Result<Scanned, L
                     DecodeError::Checksum { record_len, .. } => offset + record_len as u64,
                     _ => offset + 1,
                 };
-                let mut file = File::open(path).map_err(LogError::io("open for reading", path))?;
-                let found = find_valid_record_after(&mut file, search_from, expected)
+                let mut file = storage
+                    .open(path, OpenMode::Read)
+                    .map_err(LogError::io("open for reading", path))?;
+                let found = find_valid_record_after(&mut *file, search_from, expected)
                     .map_err(read_err(search_from))?;
                 if let Some((at, seq)) = found {
                     return Err(corrupt(
@@ -636,11 +685,10 @@ fn scan_segment(path: &Path, first_seq: u64, is_last: bool) -> Result<Scanned, L
     let mut bytes = good_len;
     let mut truncated = None;
     if let Some(reason) = tear {
-        let file = OpenOptions::new()
-            .write(true)
-            .open(path)
+        let file = storage
+            .open(path, OpenMode::Write)
             .map_err(LogError::io("open for truncation", path))?;
-        let file_len = file.metadata().map_err(LogError::io("stat", path))?.len();
+        let file_len = file.len().map_err(LogError::io("stat", path))?;
         let bytes_dropped = file_len.saturating_sub(good_len);
         tracing::warn!(
             file = %path.display(),

@@ -2,10 +2,12 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::LogError;
 use crate::log::Poison;
 use crate::segment::{list_segments, segment_file_name, SegmentCursor, Step};
+use crate::storage::Storage;
 
 /// Reads records in seq order from a given seq on, independently of the writer (its own file
 /// handles), following segment roll-over. Created by [`crate::Log::reader`].
@@ -17,6 +19,7 @@ use crate::segment::{list_segments, segment_file_name, SegmentCursor, Step};
 /// different record after recovery, which a consumer deduplicating by seq would drop.
 #[derive(Debug)]
 pub struct LogReader {
+    storage: Arc<dyn Storage>,
     dir: PathBuf,
     cursor: SegmentCursor,
     /// First seq of the segment the cursor reads.
@@ -30,14 +33,17 @@ pub struct LogReader {
 
 impl LogReader {
     pub(crate) fn new(
+        storage: Arc<dyn Storage>,
         dir: PathBuf,
         segment_first: u64,
         path: &Path,
         from_seq: u64,
         poison: Poison,
     ) -> Result<Self, LogError> {
-        let cursor = SegmentCursor::open(path).map_err(LogError::io("open for reading", path))?;
+        let cursor =
+            SegmentCursor::open(&*storage, path).map_err(LogError::io("open for reading", path))?;
         Ok(Self {
+            storage,
             dir,
             cursor,
             segment_first,
@@ -141,7 +147,7 @@ impl LogReader {
     /// and no trimming explains that (the caller reports corruption); trimmed is an error.
     fn open_next(&mut self) -> Result<bool, LogError> {
         let path = self.dir.join(segment_file_name(self.expected));
-        match SegmentCursor::open(&path) {
+        match SegmentCursor::open(&*self.storage, &path) {
             Ok(cursor) => {
                 self.cursor = cursor;
                 self.segment_first = self.expected;
@@ -149,7 +155,7 @@ impl LogReader {
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Trimmed while we were reading? Then the oldest segment starts after us.
-                if let Some((first, _)) = list_segments(&self.dir)?.first() {
+                if let Some((first, _)) = list_segments(&*self.storage, &self.dir)?.first() {
                     if *first > self.expected {
                         return Err(LogError::Trimmed {
                             requested: self.expected,

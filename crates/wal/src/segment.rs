@@ -1,13 +1,13 @@
 //! Segment files: naming, listing, and a buffered cursor that reads records in file order.
 
 use std::ffi::OsStr;
-use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use crate::codec::{decode_record, needed_len, DecodeError};
 use crate::error::LogError;
+use crate::storage::{OpenMode, Storage, StorageFile};
 
 /// Extension of segment files. Other files in the directory are ignored.
 const SEGMENT_EXTENSION: &str = "log";
@@ -48,13 +48,17 @@ fn parse_segment_name(name: &OsStr) -> Option<Result<u64, String>> {
 ///
 /// A `.log` file whose name does not parse is corruption: silently ignoring it could hide
 /// records (for instance a segment renamed by hand).
-pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
-    let entries = std::fs::read_dir(dir).map_err(LogError::io("list directory", dir))?;
+pub(crate) fn list_segments(
+    storage: &dyn Storage,
+    dir: &Path,
+) -> Result<Vec<(u64, PathBuf)>, LogError> {
+    let names = storage
+        .list_dir(dir)
+        .map_err(LogError::io("list directory", dir))?;
     let mut segments = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(LogError::io("list directory", dir))?;
-        let path = entry.path();
-        match parse_segment_name(&entry.file_name()) {
+    for name in names {
+        let path = dir.join(&name);
+        match parse_segment_name(&name) {
             None => {
                 tracing::debug!(path = %path.display(), "ignoring non-segment file in log directory")
             }
@@ -70,19 +74,6 @@ pub(crate) fn list_segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError>
     }
     segments.sort_unstable_by_key(|(seq, _)| *seq);
     Ok(segments)
-}
-
-/// Makes creations and deletions of entries in `dir` durable.
-#[cfg(unix)]
-pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Makes creations and deletions of entries in `dir` durable (a no-op where directories cannot
-/// be opened as files; this crate targets Unix).
-#[cfg(not(unix))]
-pub(crate) fn sync_dir(_dir: &Path) -> io::Result<()> {
-    Ok(())
 }
 
 /// One step of a [`SegmentCursor`].
@@ -108,7 +99,7 @@ pub(crate) enum Step {
 /// next step reads again.
 #[derive(Debug)]
 pub(crate) struct SegmentCursor {
-    file: File,
+    file: Box<dyn StorageFile>,
     path: PathBuf,
     buf: Vec<u8>,
     /// File offset of `buf[0]`. The OS file position is always `buf_start + buf.len()`.
@@ -119,9 +110,9 @@ pub(crate) struct SegmentCursor {
 
 impl SegmentCursor {
     /// Opens `path` for reading from its start.
-    pub(crate) fn open(path: &Path) -> io::Result<Self> {
+    pub(crate) fn open(storage: &dyn Storage, path: &Path) -> io::Result<Self> {
         Ok(Self {
-            file: File::open(path)?,
+            file: storage.open(path, OpenMode::Read)?,
             path: path.to_path_buf(),
             buf: Vec::new(),
             buf_start: 0,
@@ -235,7 +226,7 @@ impl SegmentCursor {
 /// followed by good data. Reads the rest of the file into memory: it only runs on the tail of
 /// the last segment, which is bounded by the segment size plus one batch.
 pub(crate) fn find_valid_record_after(
-    file: &mut File,
+    file: &mut (impl Read + Seek + ?Sized),
     start: u64,
     min_seq: u64,
 ) -> io::Result<Option<(u64, u64)>> {

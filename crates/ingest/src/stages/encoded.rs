@@ -29,6 +29,7 @@ const SHARD_DELTAS: u32 = 1;
 const APPLY_PRODUCER_ID: u32 = 1;
 const APPLY_SEQ: u32 = 2;
 const APPLY_DELTAS: u32 = 3;
+const APPLY_FIRST_KEPT_SEQ: u32 = 4;
 /// `Delta.count`.
 const DELTA_COUNT: u32 = 3;
 
@@ -54,15 +55,16 @@ pub(crate) struct EncodedBatch {
 
 impl EncodedBatch {
     /// The `ApplyRequest` of shard `shard` from log record `seq` (a `LoggedFlush`); empty when
-    /// the record has nothing for the shard.
+    /// the record has nothing for the shard. `first_kept` is the oldest seq the log holds.
     pub(crate) fn from_record(
         record: &[u8],
         shard: usize,
         producer_id: u64,
         seq: u64,
+        first_kept: u64,
     ) -> Result<Self, RecordError> {
         let deltas = shard_deltas(record, shard)?;
-        let mut out = BytesMut::with_capacity(deltas.len() + 24);
+        let mut out = BytesMut::with_capacity(deltas.len() + 36);
         header(&mut out, producer_id, seq);
         let mut hits = 0u64;
         let mut rest = deltas;
@@ -78,6 +80,8 @@ impl EncodedBatch {
             encode_varint(delta.len() as u64, &mut out);
             out.put_slice(delta);
         }
+        // After the deltas: prost writes fields in tag order.
+        varint_field(&mut out, APPLY_FIRST_KEPT_SEQ, first_kept);
         Ok(Self {
             seq,
             hits,
@@ -85,10 +89,12 @@ impl EncodedBatch {
         })
     }
 
-    /// A probe (seq 0, no deltas): asks the aggregator for its progress.
-    pub(crate) fn probe(producer_id: u64) -> Self {
-        let mut out = BytesMut::with_capacity(12);
+    /// A probe (seq 0, no deltas): asks the aggregator for its progress. `first_kept` is the
+    /// oldest seq the log holds.
+    pub(crate) fn probe(producer_id: u64, first_kept: u64) -> Self {
+        let mut out = BytesMut::with_capacity(24);
         header(&mut out, producer_id, 0);
+        varint_field(&mut out, APPLY_FIRST_KEPT_SEQ, first_kept);
         Self {
             seq: 0,
             hits: 0,
@@ -99,11 +105,15 @@ impl EncodedBatch {
 
 /// `producer_id` and `seq`, as prost writes them (proto3: zero values are left out).
 fn header(out: &mut BytesMut, producer_id: u64, seq: u64) {
-    for (tag, value) in [(APPLY_PRODUCER_ID, producer_id), (APPLY_SEQ, seq)] {
-        if value != 0 {
-            encode_key(tag, WireType::Varint, out);
-            encode_varint(value, out);
-        }
+    varint_field(out, APPLY_PRODUCER_ID, producer_id);
+    varint_field(out, APPLY_SEQ, seq);
+}
+
+/// One varint field, as prost writes it (proto3: a zero value is left out).
+fn varint_field(out: &mut BytesMut, tag: u32, value: u64) {
+    if value != 0 {
+        encode_key(tag, WireType::Varint, out);
+        encode_varint(value, out);
     }
 }
 
@@ -272,9 +282,10 @@ mod tests {
                 producer_id: 77,
                 seq: 9,
                 deltas,
+                first_kept_seq: 4,
             }
             .encode_to_vec();
-            let batch = EncodedBatch::from_record(&bytes, shard, 77, 9).unwrap();
+            let batch = EncodedBatch::from_record(&bytes, shard, 77, 9, 4).unwrap();
             assert_eq!(batch.bytes.as_ref(), expected.as_slice(), "shard {shard}");
             assert_eq!((batch.seq, batch.hits), (9, hits));
         }
@@ -283,14 +294,22 @@ mod tests {
     #[test]
     fn a_shard_beyond_the_record_gets_an_empty_batch_and_a_probe_is_empty() {
         let bytes = record(vec![vec![delta("/a", 1, 1)]]);
-        let batch = EncodedBatch::from_record(&bytes, 3, 5, 2).unwrap();
+        let batch = EncodedBatch::from_record(&bytes, 3, 5, 2, 1).unwrap();
         let decoded = ApplyRequest::decode(batch.bytes).unwrap();
-        assert_eq!((decoded.producer_id, decoded.seq), (5, 2));
-        assert!(decoded.deltas.is_empty());
-        let probe = ApplyRequest::decode(EncodedBatch::probe(5).bytes).unwrap();
         assert_eq!(
-            (probe.producer_id, probe.seq, probe.deltas.len()),
-            (5, 0, 0)
+            (decoded.producer_id, decoded.seq, decoded.first_kept_seq),
+            (5, 2, 1)
+        );
+        assert!(decoded.deltas.is_empty());
+        let probe = ApplyRequest::decode(EncodedBatch::probe(5, 3).bytes).unwrap();
+        assert_eq!(
+            (
+                probe.producer_id,
+                probe.seq,
+                probe.deltas.len(),
+                probe.first_kept_seq
+            ),
+            (5, 0, 0, 3)
         );
     }
 
@@ -300,9 +319,9 @@ mod tests {
         for cut in 1..bytes.len() {
             // A record cut short fails or yields a prefix; it never panics. (The log's CRC
             // rejects such records before they get here.)
-            let _ = EncodedBatch::from_record(&bytes[..cut], 0, 1, 1);
+            let _ = EncodedBatch::from_record(&bytes[..cut], 0, 1, 1, 1);
         }
-        assert!(EncodedBatch::from_record(&[0x0a, 0x7f], 0, 1, 1).is_err());
+        assert!(EncodedBatch::from_record(&[0x0a, 0x7f], 0, 1, 1, 1).is_err());
     }
 
     proptest! {
@@ -315,6 +334,7 @@ mod tests {
             shard in 0usize..5,
             producer_id in any::<u64>(),
             seq in any::<u64>(),
+            first_kept_seq in any::<u64>(),
         ) {
             let shards: Vec<Vec<Delta>> = shards
                 .into_iter()
@@ -322,8 +342,9 @@ mod tests {
                 .collect();
             let bytes = record(shards.clone());
             let deltas = shards.get(shard).cloned().unwrap_or_default();
-            let expected = ApplyRequest { producer_id, seq, deltas }.encode_to_vec();
-            let batch = EncodedBatch::from_record(&bytes, shard, producer_id, seq).unwrap();
+            let expected = ApplyRequest { producer_id, seq, deltas, first_kept_seq }.encode_to_vec();
+            let batch =
+                EncodedBatch::from_record(&bytes, shard, producer_id, seq, first_kept_seq).unwrap();
             prop_assert_eq!(batch.bytes.as_ref(), expected.as_slice());
             let len: usize = shards.get(shard).map_or(0, |d| {
                 d.iter().map(|d| field_len(APPLY_DELTAS, d.encoded_len())).sum()

@@ -11,8 +11,18 @@
 //! Acks carry the aggregator's `durable_through` (what its newest checkpoint holds), which the
 //! forwarder publishes so the log stage can trim, and its `incarnation`. A new incarnation means
 //! the aggregator restarted from its checkpoint and lost what it applied after it: the forwarder
-//! rewinds to `durable_through + 1` and sends those batches again (the aggregator applies each
-//! (producer, seq) once, so batches it does have are acknowledged as duplicates).
+//! rewinds to the new `durable_through + 1` and sends those batches again (the aggregator
+//! applies each (producer, seq) once, so batches it does have are acknowledged as duplicates).
+//! If the aggregator came back holding *less* than it had reported durable (its data directory
+//! or checkpoint lost, or it forgot this producer), the forwarder lowers what it publishes to
+//! what the aggregator now holds, so the log keeps the records being resent, and resends every
+//! record the log still holds after it.
+//!
+//! Every batch (and probe) also says which seq the log starts at (`first_kept_seq`): the records
+//! before it were trimmed and will never be sent again. An aggregator that holds less than that
+//! of this producer reports those batches as lost and moves on, instead of waiting below a gap
+//! that can never fill (which used to stop it from ever reporting anything durable again, so
+//! ingest stopped trimming and, once the log budget was full, refused every write).
 //!
 //! A failed delivery is retried with capped backoff for as long as it takes (while the breaker is
 //! open each attempt fails at once, cheaply); nothing is ever dropped here, because the log keeps
@@ -59,25 +69,33 @@ pub(crate) struct Forwarder {
 }
 
 impl Forwarder {
-    async fn open_reader(&self, from: u64) -> Result<LogReader, IngestError> {
+    /// A reader from `from`, or from the oldest record held if that is later; and the oldest
+    /// seq the log holds.
+    async fn open_reader(&self, from: u64) -> Result<(LogReader, u64), IngestError> {
         let logs = Arc::clone(&self.logs);
         tokio::task::spawn_blocking(move || {
             let logs = lock(&logs);
             let log = &logs.main;
-            // Never before the oldest record held (the rest was trimmed: the aggregator has it).
-            log.reader(from.max(log.first_seq()))
+            // Never before the oldest record held (the rest was trimmed).
+            let first = log.first_seq();
+            log.reader(from.max(first)).map(|reader| (reader, first))
         })
         .await
         .map_err(|e| IngestError::Log(e.to_string()))?
         .map_err(|e| IngestError::Log(e.to_string()))
     }
 
+    /// Reads up to [`READ_CHUNK`] records up to seq `up_to`; also the oldest seq the log holds,
+    /// when the log is not busy (it is only a hint for the aggregator: never wait for it).
+    #[allow(clippy::type_complexity)]
     async fn read(
         &self,
         mut reader: LogReader,
         up_to: u64,
-    ) -> Result<(LogReader, Vec<(u64, Vec<u8>)>), IngestError> {
+    ) -> Result<(LogReader, Vec<(u64, Vec<u8>)>, Option<u64>), IngestError> {
+        let logs = Arc::clone(&self.logs);
         tokio::task::spawn_blocking(move || {
+            let first_kept = logs.try_lock().ok().map(|logs| logs.main.first_seq());
             let mut records = Vec::new();
             while records.len() < READ_CHUNK {
                 match reader.next(up_to)? {
@@ -85,7 +103,7 @@ impl Forwarder {
                     None => break,
                 }
             }
-            Ok((reader, records))
+            Ok((reader, records, first_kept))
         })
         .await
         .map_err(|e| IngestError::Log(e.to_string()))?
@@ -101,8 +119,9 @@ impl Forwarder {
             let logs = lock(&self.logs);
             logs.main.first_seq()
         };
-        let mut reader = Some(self.open_reader(first).await?);
-        let mut next = first;
+        let (opened, mut first_kept) = self.open_reader(first).await?;
+        let mut reader = Some(opened);
+        let mut next = first_kept;
         let mut durable = first.saturating_sub(1);
         let mut incarnation: Option<u64> = None;
         let mut log_open = true;
@@ -130,8 +149,11 @@ impl Forwarder {
             let mut buffered = std::collections::VecDeque::new();
             while in_flight.len() + buffered.len() < self.concurrency.max(1) && next <= on_disk {
                 let Some(current) = reader.take() else { break };
-                let (current, records) = self.read(current, on_disk).await?;
+                let (current, records, first) = self.read(current, on_disk).await?;
                 reader = Some(current);
+                if let Some(first) = first {
+                    first_kept = first_kept.max(first);
+                }
                 if records.is_empty() {
                     break;
                 }
@@ -144,8 +166,14 @@ impl Forwarder {
                 if !sending.insert(seq) {
                     continue;
                 }
-                let batch = EncodedBatch::from_record(&payload, self.shard, self.producer_id, seq)
-                    .map_err(|e| IngestError::Log(format!("log record {seq}: {e}")))?;
+                let batch = EncodedBatch::from_record(
+                    &payload,
+                    self.shard,
+                    self.producer_id,
+                    seq,
+                    first_kept,
+                )
+                .map_err(|e| IngestError::Log(format!("log record {seq}: {e}")))?;
                 in_flight.push(self.deliver(batch));
             }
             in_flight_gauge.set(in_flight.len() as f64);
@@ -174,8 +202,10 @@ impl Forwarder {
                         Some(known) if known != ack.incarnation => {
                             incarnation = Some(ack.incarnation);
                             // The aggregator restarted from its checkpoint: send again what it
-                            // may have lost. Its new `durable_through` is where its state ends.
-                            let from = ack.durable_through.max(durable) + 1;
+                            // may have lost. Its new `durable_through` is where its state ends,
+                            // even below what it reported before (its state was lost): the
+                            // records after it that the log still holds must all go again.
+                            let from = ack.durable_through + 1;
                             tracing::warn!(
                                 shard = self.shard,
                                 from,
@@ -184,8 +214,23 @@ impl Forwarder {
                             );
                             metrics::counter!("hitcounter_ingest_forward_rewinds_total").increment(1);
                             if from < next {
-                                reader = Some(self.open_reader(from).await?);
-                                next = from;
+                                let (opened, first) = self.open_reader(from).await?;
+                                reader = Some(opened);
+                                first_kept = first_kept.max(first);
+                                next = from.max(first);
+                            }
+                            // Publish no more than the aggregator now holds, so that the log
+                            // keeps what is being resent until it is durable again.
+                            let holds = ack.durable_through.max(first_kept.saturating_sub(1));
+                            if holds < durable {
+                                tracing::error!(
+                                    shard = self.shard,
+                                    reported = durable,
+                                    holds,
+                                    "aggregator came back holding less than it had reported durable: its state was lost"
+                                );
+                                durable = holds;
+                                self.durable.send_replace(durable);
                             }
                         }
                         Some(_) => {}
@@ -198,7 +243,7 @@ impl Forwarder {
                     }
                 }
                 _ = probe.tick(), if in_flight.is_empty() && durable + 1 < next => {
-                    in_flight.push(self.deliver(EncodedBatch::probe(self.producer_id)));
+                    in_flight.push(self.deliver(EncodedBatch::probe(self.producer_id, first_kept)));
                 }
                 _ = self.abandon.cancelled() => break,
             }

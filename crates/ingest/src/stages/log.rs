@@ -20,7 +20,7 @@
 use std::{
     collections::VecDeque,
     sync::{Arc, Mutex, MutexGuard},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hitcounter_pipeline::StageReceiver;
@@ -64,6 +64,17 @@ pub(crate) fn decode_ledger(payload: &[u8]) -> Option<(i64, u64, String)> {
     Some((at, accepted, id))
 }
 
+/// The wall clock, in Unix milliseconds, stamped on ledger records: the only clock that survives
+/// a restart, so it only serves to restore ids at start-up; expiry while running follows the
+/// monotonic clock. Tests can step it.
+fn wall_ms() -> i64 {
+    #[cfg(test)]
+    let offset = tests::WALL_OFFSET_MS.with(std::cell::Cell::get);
+    #[cfg(not(test))]
+    let offset = 0;
+    crate::validate::now_ms() + offset
+}
+
 /// The log stage's state.
 pub(crate) struct LogStage {
     pub(crate) logs: SharedLogs,
@@ -77,12 +88,14 @@ pub(crate) struct LogStage {
     /// Per shard: the last seq that shard's aggregator holds durably; the log is trimmed up to
     /// the lowest of them.
     pub(crate) durable: Vec<watch::Receiver<u64>>,
-    /// Ledger records still inside the dedup horizon: (seq, at_ms), oldest first.
-    pub(crate) ledger_times: VecDeque<(u64, i64)>,
+    /// Ledger records still inside the dedup horizon: (seq, when recorded), oldest first. The
+    /// monotonic clock, as in the in-memory ledger: the log must keep every id the ledger still
+    /// honours, whatever the wall clock does meanwhile.
+    pub(crate) ledger_times: VecDeque<(u64, Instant)>,
     /// How long batch ids are remembered.
     pub(crate) horizon: Duration,
     /// When the background sync last ran.
-    pub(crate) last_background_sync: Mutex<std::time::Instant>,
+    pub(crate) last_background_sync: Mutex<Instant>,
 }
 
 impl LogStage {
@@ -146,13 +159,16 @@ impl LogStage {
     /// Writes one flush. Returns the new last seq on disk (if anything was written) and the
     /// ledger records written. Blocking.
     #[allow(clippy::type_complexity)]
-    fn write(&self, flush: Flush) -> Result<(Option<u64>, Vec<(u64, i64)>), IngestError> {
+    pub(crate) fn write(
+        &self,
+        flush: Flush,
+    ) -> Result<(Option<u64>, Vec<(u64, Instant)>), IngestError> {
         let Flush {
             shards,
             waiters,
             batch_ids,
         } = flush;
-        let now_ms = crate::validate::now_ms();
+        let now_ms = wall_ms();
         let record = LoggedFlush {
             shards: shards
                 .into_iter()
@@ -198,7 +214,8 @@ impl LogStage {
                 let records: Vec<&[u8]> = ledger.iter().map(Vec::as_slice).collect();
                 let seqs = logs.ledger.append(&records)?;
                 logs.ledger.sync()?;
-                times.extend(seqs.map(|seq| (seq, now_ms)));
+                let recorded = Instant::now();
+                times.extend(seqs.map(|seq| (seq, recorded)));
             }
             Ok((Some(logs.main.durable_seq()), times))
         })();
@@ -228,10 +245,10 @@ impl LogStage {
     /// Periodic work: sync (for `--fsync interval`), trim what the aggregators hold durably and
     /// ledger records past the horizon. Returns the bytes held. Blocking.
     #[allow(clippy::type_complexity)]
-    fn housekeep(
+    pub(crate) fn housekeep(
         &self,
-        mut ledger_times: VecDeque<(u64, i64)>,
-    ) -> Result<(u64, VecDeque<(u64, i64)>, u64), IngestError> {
+        mut ledger_times: VecDeque<(u64, Instant)>,
+    ) -> Result<(u64, VecDeque<(u64, Instant)>, u64), IngestError> {
         let mut logs = lock(&self.logs);
         let fail = |e: LogError| IngestError::Log(e.to_string());
         let background = self.background_sync.is_some_and(|every| {
@@ -254,16 +271,21 @@ impl LogStage {
         // Every shard's aggregator must hold a flush before it can go.
         let durable = self.durable.iter().map(|d| *d.borrow()).min().unwrap_or(0);
         if durable >= logs.main.first_seq() {
+            if logs.main.can_trim(durable) {
+                // Once trimmed, a record's batch ids live only in the ledger, which under
+                // `--fsync interval/never` may not be on disk yet: an OS crash would then forget
+                // them and count a retry twice (found by the power-loss simulation).
+                logs.ledger.sync_now().map_err(fail)?;
+            }
             let freed = logs.main.trim(durable).map_err(fail)?;
             if freed > 0 {
                 tracing::debug!(durable, freed, "log trimmed");
             }
         }
         logs.ledger.sync().map_err(fail)?;
-        let oldest = crate::validate::now_ms() - self.horizon.as_millis() as i64;
         let mut expired = None;
-        while let Some(&(seq, at)) = ledger_times.front() {
-            if at >= oldest {
+        while let Some(&(seq, recorded)) = ledger_times.front() {
+            if recorded.elapsed() < self.horizon {
                 break;
             }
             expired = Some(seq);
@@ -280,6 +302,81 @@ impl LogStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        ledger::{BatchLedger, Claim},
+        stages::Claimed,
+    };
+    use hitcounter_wal::LogConfig;
+
+    thread_local! {
+        /// Added to the wall clock of [`wall_ms`] on this thread: a clock step.
+        pub(super) static WALL_OFFSET_MS: std::cell::Cell<i64> = const { std::cell::Cell::new(0) };
+    }
+
+    fn stage(dir: &std::path::Path, horizon: Duration) -> LogStage {
+        let open = |name: &str| {
+            Log::open(LogConfig {
+                // One record per segment, so that trimming can drop single records.
+                segment_bytes: 1,
+                ..LogConfig::new(dir.join(name))
+            })
+            .unwrap()
+            .0
+        };
+        LogStage {
+            logs: Arc::new(Mutex::new(Logs {
+                main: open("log"),
+                ledger: open("ledger"),
+            })),
+            budget: 1 << 30,
+            written: watch::channel(0).0,
+            background_sync: None,
+            durable: Vec::new(),
+            ledger_times: VecDeque::new(),
+            horizon,
+            last_background_sync: Mutex::new(std::time::Instant::now()),
+        }
+    }
+
+    async fn flush_with_id(ledger: &Arc<BatchLedger>, id: &str) -> Flush {
+        let Ok(Claim::New(guard)) = ledger.claim(id).await else {
+            panic!("{id} is not new")
+        };
+        Flush {
+            shards: vec![Vec::new()],
+            waiters: Vec::new(),
+            batch_ids: vec![Claimed { guard, accepted: 1 }],
+        }
+    }
+
+    /// Issue 12, finding 5: the in-memory ledger expires ids by the monotonic clock; the ledger
+    /// log was trimmed by the wall clock, so a wall clock stepped forward deleted from disk ids
+    /// the process still honoured, and a restart then forgot them.
+    #[tokio::test]
+    async fn a_wall_clock_step_forward_keeps_the_batch_ids_the_ledger_honours() {
+        let dir = tempfile::tempdir().unwrap();
+        let horizon = Duration::from_secs(600);
+        let ledger = BatchLedger::new(horizon, 10);
+        let stage = stage(dir.path(), horizon);
+        let mut times = VecDeque::new();
+        for id in ["first", "second"] {
+            let (_, written) = stage.write(flush_with_id(&ledger, id).await).unwrap();
+            times.extend(written);
+        }
+        WALL_OFFSET_MS.with(|offset| offset.set(3_600_000));
+        let (_, times, _) = stage.housekeep(times).unwrap();
+        WALL_OFFSET_MS.with(|offset| offset.set(0));
+        assert!(matches!(
+            ledger.claim("first").await,
+            Ok(Claim::Duplicate(1))
+        ));
+        assert_eq!(times.len(), 2, "both ids are still inside the horizon");
+        assert_eq!(
+            lock(&stage.logs).ledger.first_seq(),
+            1,
+            "the ledger log still holds the first id"
+        );
+    }
 
     #[test]
     fn ledger_records_round_trip() {

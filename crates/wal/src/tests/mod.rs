@@ -1,7 +1,10 @@
-//! Tests of the whole crate: codec properties, the writer and readers, and crash recovery.
+//! Tests of the whole crate: codec properties, the writer and readers, crash recovery, and the
+//! power-loss simulation.
 
 mod codec;
+mod power_loss;
 mod recovery;
+mod trim;
 mod writer;
 
 use std::path::{Path, PathBuf};
