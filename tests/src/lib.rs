@@ -9,6 +9,7 @@
 pub mod nats;
 pub mod process;
 pub mod proxy;
+pub mod tools;
 
 use std::{net::SocketAddr, time::Duration};
 

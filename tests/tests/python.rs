@@ -6,29 +6,12 @@
 
 use std::process::Command;
 
-use hitcounter_integration_tests::Stack;
-
-fn python_has_grpc() -> bool {
-    Command::new("python3")
-        .args(["-c", "import grpc, grpc_tools"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+use hitcounter_integration_tests::{tools, Stack};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn python_example_records_and_reads_back() -> anyhow::Result<()> {
-    if !python_has_grpc() {
-        // A missing tool fails the test, so that it cannot pass unnoticed without running;
-        // skipping takes an explicit, named opt-out.
-        if std::env::var_os("HITCOUNTER_SKIP_PYTHON").is_some() {
-            println!("SKIPPED (HITCOUNTER_SKIP_PYTHON is set): python3 lacks grpcio/grpcio-tools");
-            return Ok(());
-        }
-        anyhow::bail!(
-            "python3 with grpcio and grpcio-tools is needed: install them with \
-             `python3 -m pip install grpcio grpcio-tools`, or set HITCOUNTER_SKIP_PYTHON=1 to skip \
-             this test knowingly"
-        );
+    if !tools::python_with_grpc()? {
+        return Ok(());
     }
     let stack = Stack::start().await?;
     let script = concat!(
