@@ -36,6 +36,44 @@ pub struct Running {
 }
 
 impl Running {
+    /// The count of `key` over the last hour, asked of this service (a query).
+    ///
+    /// # Errors
+    /// When the call fails.
+    pub async fn count(&self, key: &str) -> anyhow::Result<u64> {
+        let mut client = QueryClient::new(connect(self.addr).await?);
+        Ok(client
+            .get_hits(hitcounter_proto::v1::GetHitsRequest {
+                key: key.into(),
+                window_seconds: 3600,
+                at_ms: 0,
+            })
+            .await?
+            .into_inner()
+            .count)
+    }
+
+    /// Waits until `key` counts `expected` hits through this service (a query); 30 s is a hang
+    /// guard, not a visibility goal. Fails naming the last count seen.
+    ///
+    /// # Errors
+    /// When the count does not get there.
+    pub async fn until_count(&self, key: &str, expected: u64) -> anyhow::Result<()> {
+        let last = std::cell::Cell::new(None);
+        let reached = eventually(
+            Duration::from_secs(30),
+            &format!("{key} to reach {expected}"),
+            || async {
+                let now = self.count(key).await.ok()?;
+                last.set(Some(now));
+                (now == expected).then_some(())
+            },
+        )
+        .await;
+        let last = last.get();
+        reached.map_err(|e| anyhow::anyhow!("{e} (last count seen: {last:?})"))
+    }
+
     /// Waits until the service answers SERVING, or reports why `serve` returned instead (a
     /// start-up failure such as a full disk shows as that error, not as "connection refused" in
     /// whatever the test does next).

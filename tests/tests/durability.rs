@@ -7,9 +7,7 @@ use hitcounter_integration_tests::{
     eventually, metric_value, now_ms, scrape, start_aggregator, start_ingest, start_query,
     LinkMode, LinkProxy, Running,
 };
-use hitcounter_proto::v1::{
-    ingest_client::IngestClient, query_client::QueryClient, GetHitsRequest, Hit, RecordHitsRequest,
-};
+use hitcounter_proto::v1::{ingest_client::IngestClient, Hit, RecordHitsRequest};
 use rand::{Rng, SeedableRng};
 
 async fn ingest_client(
@@ -18,28 +16,6 @@ async fn ingest_client(
     Ok(IngestClient::new(
         hitcounter_integration_tests::connect(ingest.addr).await?,
     ))
-}
-
-async fn count(query: &Running, key: &str) -> anyhow::Result<u64> {
-    let mut client = QueryClient::new(hitcounter_integration_tests::connect(query.addr).await?);
-    Ok(client
-        .get_hits(GetHitsRequest {
-            key: key.into(),
-            window_seconds: 3600,
-            at_ms: 0,
-        })
-        .await?
-        .into_inner()
-        .count)
-}
-
-async fn until_count(query: &Running, key: &str, expected: u64) -> anyhow::Result<()> {
-    eventually(
-        Duration::from_secs(30),
-        &format!("{key} to reach {expected}"),
-        || async move { (count(query, key).await.ok()? == expected).then_some(()) },
-    )
-    .await
 }
 
 fn batch(key: &str, count: u64, id: &str) -> RecordHitsRequest {
@@ -81,7 +57,7 @@ async fn batch_ids_survive_an_ingest_restart() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert!(!other.duplicate);
-    until_count(&query, "/restart", 8).await?;
+    query.until_count("/restart", 8).await?;
     for service in [ingest, query, aggregator] {
         service.stop().await.map_err(anyhow::Error::msg)?;
     }
@@ -118,7 +94,7 @@ async fn a_clean_stop_with_the_aggregator_down_keeps_everything_in_the_log() -> 
     link.set(LinkMode::Pass);
     let ingest = start_ingest(&[link.addr], &args).await?;
     let query = start_query(&[aggregator.addr], &[]).await?;
-    until_count(&query, "/kept", acked).await?;
+    query.until_count("/kept", acked).await?;
     for service in [ingest, query, aggregator] {
         service.stop().await.map_err(anyhow::Error::msg)?;
     }
@@ -183,14 +159,14 @@ async fn a_torn_log_tail_is_cut_and_everything_before_it_counts() -> anyhow::Res
         link.set(LinkMode::Pass);
         let ingest = start_ingest(&[link.addr], &args).await?;
         let query = start_query(&[aggregator.addr], &[]).await?;
-        until_count(&query, &key, 50).await?;
+        query.until_count(&key, 50).await?;
         // Still 50 a moment later: the torn batch was not half counted.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(count(&query, &key).await?, 50);
+        assert_eq!(query.count(&key).await?, 50);
         // The service goes on after the repair.
         let mut client = ingest_client(&ingest).await?;
         client.record_hits(batch(&key, 1000, "t-after")).await?;
-        until_count(&query, &key, 1050).await?;
+        query.until_count(&key, 1050).await?;
         for service in [ingest, query, aggregator] {
             service.stop().await.map_err(anyhow::Error::msg)?;
         }
@@ -239,9 +215,9 @@ async fn a_caller_that_gives_up_does_not_release_its_batch_id() -> anyhow::Resul
         }
     };
     assert_eq!((retry.accepted, retry.duplicate), (5, true));
-    until_count(&query, "/impatient", 5).await?;
+    query.until_count("/impatient", 5).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(count(&query, "/impatient").await?, 5, "counted once");
+    assert_eq!(query.count("/impatient").await?, 5, "counted once");
     for service in [ingest, query, aggregator] {
         service.stop().await.map_err(anyhow::Error::msg)?;
     }
@@ -309,7 +285,7 @@ async fn an_idle_aggregator_skips_checkpoints_until_something_is_applied() -> an
     };
     let mut client = ingest_client(&ingest).await?;
     client.record_hits(batch("/idle", 1, "idle-1")).await?;
-    until_count(&query, "/idle", 1).await?;
+    query.until_count("/idle", 1).await?;
 
     // The hit is applied now. A tick after this point either writes a checkpoint holding it or
     // skips, and it skips only when the last checkpoint already holds it: so a skip counted
@@ -341,7 +317,7 @@ async fn an_idle_aggregator_skips_checkpoints_until_something_is_applied() -> an
 
     // ...and a new hit is checkpointed at the next tick.
     client.record_hits(batch("/idle", 1, "idle-2")).await?;
-    until_count(&query, "/idle", 2).await?;
+    query.until_count("/idle", 2).await?;
     eventually(
         Duration::from_secs(30),
         "a checkpoint of the new hit",

@@ -8,40 +8,7 @@ use hitcounter_integration_tests::{
     connect, eventually, metric_value, now_ms, scrape, start_aggregator, start_aggregator_on,
     start_ingest, start_query, Running,
 };
-use hitcounter_proto::v1::{
-    ingest_client::IngestClient, query_client::QueryClient, GetHitsRequest, Hit, RecordHitsRequest,
-};
-
-async fn count(query: &Running, key: &str) -> anyhow::Result<u64> {
-    let mut client = QueryClient::new(connect(query.addr).await?);
-    Ok(client
-        .get_hits(GetHitsRequest {
-            key: key.into(),
-            window_seconds: 3600,
-            at_ms: 0,
-        })
-        .await?
-        .into_inner()
-        .count)
-}
-
-/// Waits until `key` counts `expected` hits; fails (naming the last count seen) if it does not
-/// get there.
-async fn until_count(query: &Running, key: &str, expected: u64) -> anyhow::Result<()> {
-    let last = std::cell::Cell::new(None);
-    let reached = eventually(
-        Duration::from_secs(20),
-        &format!("{key} to reach {expected}"),
-        || async {
-            let now = count(query, key).await.ok()?;
-            last.set(Some(now));
-            (now == expected).then_some(())
-        },
-    )
-    .await;
-    let last = last.get();
-    reached.map_err(|e| anyhow::anyhow!("{e} (last count seen: {last:?})"))
-}
+use hitcounter_proto::v1::{ingest_client::IngestClient, Hit, RecordHitsRequest};
 
 /// Records one batch of `count` hits of `key`, one request per call (so one log record each:
 /// the next request is sent only after this one is durable).
@@ -112,7 +79,7 @@ async fn a_fresh_log_after_moving_log_away_counts_every_batch() -> anyhow::Resul
     for n in 0..5 {
         record(&ingest, "/before-move", 1, &format!("before-{n}")).await?;
     }
-    until_count(&query, "/before-move", 5).await?;
+    query.until_count("/before-move", 5).await?;
     // A clean stop delivers everything; then the log goes away, as for a re-shard.
     ingest.stop().await.map_err(anyhow::Error::msg)?;
     std::fs::rename(data.path().join("log"), data.path().join("log.moved-away"))?;
@@ -121,8 +88,8 @@ async fn a_fresh_log_after_moving_log_away_counts_every_batch() -> anyhow::Resul
     for n in 0..5 {
         record(&ingest, "/after-move", 1, &format!("after-{n}")).await?;
     }
-    until_count(&query, "/after-move", 5).await?;
-    assert_eq!(count(&query, "/before-move").await?, 5);
+    query.until_count("/after-move", 5).await?;
+    assert_eq!(query.count("/before-move").await?, 5);
     for service in [ingest, query, aggregator] {
         service.stop().await.map_err(anyhow::Error::msg)?;
     }
@@ -161,7 +128,7 @@ async fn an_aggregator_that_lost_its_state_catches_up_and_ingest_trims_again() -
     for n in 0..BATCHES {
         record_numbered(&ingest, "/gap", n).await?;
     }
-    until_count(&query, "/gap/all", BATCHES as u64).await?;
+    query.until_count("/gap/all", BATCHES as u64).await?;
     // The aggregator's checkpoint covers the first segments, so ingest trims them.
     eventually(
         Duration::from_secs(20),
@@ -180,7 +147,7 @@ async fn an_aggregator_that_lost_its_state_catches_up_and_ingest_trims_again() -
     for n in 0..BATCHES {
         record_numbered(&ingest, "/after", n).await?;
     }
-    until_count(&query, "/after/all", BATCHES as u64).await?;
+    query.until_count("/after/all", BATCHES as u64).await?;
     eventually(
         Duration::from_secs(20),
         "ingest to trim records written after the aggregator lost its state",
@@ -192,7 +159,7 @@ async fn an_aggregator_that_lost_its_state_catches_up_and_ingest_trims_again() -
     // are lost, oldest first, and the aggregator counted them.
     let mut lost = 0;
     for n in 0..BATCHES {
-        let counted = count(&query, &format!("/gap/{n}")).await?;
+        let counted = query.count(&format!("/gap/{n}")).await?;
         match counted {
             0 => {
                 assert_eq!(lost, n, "/gap/{n} is lost but an older batch was not");
@@ -203,7 +170,7 @@ async fn an_aggregator_that_lost_its_state_catches_up_and_ingest_trims_again() -
         }
     }
     assert!(lost > 0, "the trimmed batches cannot have been recovered");
-    assert_eq!(count(&query, "/gap/all").await?, (BATCHES - lost) as u64);
+    assert_eq!(query.count("/gap/all").await?, (BATCHES - lost) as u64);
     let metrics = scrape(aggregator.metrics_addr).await?;
     assert_eq!(
         metric_value(&metrics, "hitcounter_aggregator_lost_batches_total", &[]),

@@ -52,28 +52,6 @@ async fn ingest_client(ingest: &Running) -> anyhow::Result<IngestClient<Channel>
     Ok(IngestClient::new(connect(ingest.addr).await?))
 }
 
-async fn count(query: &Running, key: &str) -> anyhow::Result<u64> {
-    let mut client = QueryClient::new(connect(query.addr).await?);
-    Ok(client
-        .get_hits(GetHitsRequest {
-            key: key.into(),
-            window_seconds: 3600,
-            at_ms: 0,
-        })
-        .await?
-        .into_inner()
-        .count)
-}
-
-async fn until_count(query: &Running, key: &str, expected: u64) -> anyhow::Result<()> {
-    eventually(
-        PATIENCE,
-        &format!("{key} to reach {expected}"),
-        || async move { (count(query, key).await.ok()? == expected).then_some(()) },
-    )
-    .await
-}
-
 /// Waits for `serve` to return by itself (a start-up failure) and returns its error.
 async fn start_up_error(service: Running) -> anyhow::Result<String> {
     let served = tokio::time::timeout(PATIENCE, service.task)
@@ -225,7 +203,7 @@ async fn a_damaged_newest_checkpoint_stops_the_aggregator_naming_the_file() -> a
         .await?
         .record_hits(batch("/ckpt", 3, ""))
         .await?;
-    until_count(&query, "/ckpt", 3).await?;
+    query.until_count("/ckpt", 3).await?;
     for service in [ingest, query, aggregator] {
         service.stop().await.map_err(anyhow::Error::msg)?;
     }
@@ -294,7 +272,7 @@ async fn ingest_refuses_a_backlog_written_for_another_shard_count() -> anyhow::R
     }
     let ingest = start_ingest(&two, &args).await?;
     let query = start_query(&two, &[]).await?;
-    until_count(&query, "/reshard", 2).await?;
+    query.until_count("/reshard", 2).await?;
     for service in [ingest, query] {
         service.stop().await.map_err(anyhow::Error::msg)?;
     }
@@ -429,7 +407,7 @@ async fn a_batch_id_still_in_flight_answers_aborted() -> anyhow::Result<()> {
         .await?
         .into_inner();
     assert_eq!((retry.accepted, retry.duplicate), (4, true));
-    until_count(&query, "/inflight", 4).await?;
+    query.until_count("/inflight", 4).await?;
     for service in [ingest, query, aggregator] {
         service.stop().await.map_err(anyhow::Error::msg)?;
     }
