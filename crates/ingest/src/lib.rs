@@ -116,13 +116,14 @@ pub async fn serve(
     if on_disk >= first {
         // The log is trimmed by whole segments, and only up to what the aggregators'
         // checkpoints hold, so records delivered before the last stop (even a clean one) are
-        // still here and are sent again: say so, since it looks like lost work otherwise.
+        // still here; each forwarder first asks its aggregator what it holds durably and sends
+        // only the rest. Said here so that a log full of records does not look like lost work.
         tracing::info!(
             records = on_disk - first + 1,
             first,
             last = on_disk,
-            "resending the records the log still holds; the aggregators acknowledge those they \
-             already hold as duplicates and count each record once"
+            "the log holds records from before the last stop; each forwarder sends only those \
+             its aggregator does not hold durably"
         );
     }
     let (written_tx, written_rx) = tokio::sync::watch::channel(on_disk);

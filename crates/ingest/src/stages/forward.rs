@@ -8,6 +8,10 @@
 //! empty, so that the aggregator sees every seq and its "applied through" watermark advances.
 //! Up to `concurrency` batches are in flight at once.
 //!
+//! At start the forwarder first asks (a probe) what the aggregator already holds durably of this
+//! producer and starts after it: the log is trimmed by whole segments, so after a restart it
+//! still holds records the aggregator's checkpoint has.
+//!
 //! Acks carry the aggregator's `durable_through` (what its newest checkpoint holds), which the
 //! forwarder publishes so the log stage can trim, and its `incarnation`. A new incarnation means
 //! the aggregator restarted from its checkpoint and lost what it applied after it: the forwarder
@@ -135,6 +139,12 @@ impl Forwarder {
         // restarted (and lost batches after its checkpoint).
         let mut probe = tokio::time::interval(PROBE_EVERY);
         probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Before sending anything, ask what the aggregator already holds durably of this
+        // producer: the log is trimmed by whole segments, so after any restart (even a clean
+        // stop of both) it still holds records the aggregator's checkpoint has, and sending
+        // them all again would only have them acknowledged as duplicates.
+        let mut asked = false;
+        in_flight.push(self.deliver(EncodedBatch::probe(self.producer_id, first_kept)));
         let in_flight_gauge = metrics::gauge!(
             "hitcounter_ingest_forward_in_flight",
             "shard" => self.shard.to_string()
@@ -147,7 +157,10 @@ impl Forwarder {
             let on_disk = *written.borrow_and_update();
             // Fill the window from the log.
             let mut buffered = std::collections::VecDeque::new();
-            while in_flight.len() + buffered.len() < self.concurrency.max(1) && next <= on_disk {
+            while asked
+                && in_flight.len() + buffered.len() < self.concurrency.max(1)
+                && next <= on_disk
+            {
                 let Some(current) = reader.take() else { break };
                 let (current, records, first) = self.read(current, on_disk).await?;
                 reader = Some(current);
@@ -190,6 +203,25 @@ impl Forwarder {
                         continue;
                     };
                     sending.remove(&ack.seq);
+                    if !asked {
+                        // The first answer is the start-up probe's: start after what the
+                        // aggregator holds durably (never past what is on disk: a producer id
+                        // names one log, so it cannot hold more of it than was written).
+                        asked = true;
+                        let from = ack.durable_through.saturating_add(1).min(on_disk + 1);
+                        if from > next {
+                            tracing::info!(
+                                shard = self.shard,
+                                skipped = from - next,
+                                from,
+                                "the aggregator holds the log's older records durably: sending from here"
+                            );
+                            let (opened, first) = self.open_reader(from).await?;
+                            reader = Some(opened);
+                            first_kept = first_kept.max(first);
+                            next = from.max(first);
+                        }
+                    }
                     if ack.durable_through > durable {
                         // Never past our own reader: the log stage trims up to `durable`, and a
                         // reader whose segment is deleted under it could not go on (after a
