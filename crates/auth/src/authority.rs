@@ -275,6 +275,19 @@ impl Authority {
         seen.candidate = None;
         let parsed = file::parse(&shown, &text);
         seen.current = Some(text);
+        // A file with no tokens at all is refused on reload: it is what a file truncated for a
+        // rewrite reads as (twice in a row, when the writer stalls between truncating and
+        // writing, as seen under load), and taking it would refuse every caller. To revoke
+        // every token, keep one entry (e.g. an admin's) or stop the service.
+        let parsed = parsed.and_then(|entries| {
+            if entries.is_empty() {
+                Err(TokensFileError::NoTokens {
+                    path: shown.clone(),
+                })
+            } else {
+                Ok(entries)
+            }
+        });
         let entries = match parsed {
             Ok(entries) => entries,
             Err(error) => {
@@ -489,6 +502,25 @@ mod tests {
         assert!(f.authority.authenticate(&header("Bearer tok-a2")).is_ok());
         f.clock.advance(Duration::from_secs(1));
         assert_eq!(a2.take_hits(1), Ok(()));
+    }
+
+    /// A file being rewritten in place is empty between its truncation and the write; a writer
+    /// that stalls there is read empty twice in a row (seen under load: the integration test
+    /// `the_tokens_file_is_reloaded_and_a_broken_one_keeps_the_old_tokens` failed once in a loop
+    /// of full runs, every caller refused). That must not refuse every caller.
+    #[test]
+    fn an_empty_file_read_twice_keeps_the_tokens_in_force() {
+        let f = fixture(&entry("a", "tok-a", ""));
+        std::fs::write(&f.path, "").expect("truncate");
+        assert_eq!(f.authority.reload().expect("seen once"), Reloaded::Pending);
+        let error = f.authority.reload().expect_err("empty").to_string();
+        assert!(error.contains("has no tokens"), "{error}");
+        assert!(f.authority.authenticate(&header("Bearer tok-a")).is_ok());
+        // The completed write is taken as usual.
+        std::fs::write(&f.path, entry("b", "tok-b", "")).expect("write");
+        assert_eq!(f.authority.reload().expect("seen once"), Reloaded::Pending);
+        assert_eq!(f.authority.reload().expect("reloads"), Reloaded::Tokens(1));
+        assert!(f.authority.authenticate(&header("Bearer tok-b")).is_ok());
     }
 
     #[test]

@@ -65,6 +65,12 @@ pub enum TokensFileError {
         /// What is wrong.
         problem: String,
     },
+    /// A reloaded file holds no token (see `Authority::reload`).
+    #[error("tokens file {path} has no tokens; a reload never takes an empty file (it would refuse every caller): keep at least one entry")]
+    NoTokens {
+        /// The file.
+        path: String,
+    },
     /// Too many entries.
     #[error("tokens file {path} has {count} tokens; the limit is {MAX_ENTRIES}")]
     TooMany {
