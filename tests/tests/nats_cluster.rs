@@ -29,8 +29,25 @@ async fn create_stream(js: &jetstream::Context) -> anyhow::Result<stream::Stream
         .await?)
 }
 
-/// Every payload in the stream, read with an ephemeral pull consumer.
+/// Every payload in the stream, read with an ephemeral pull consumer. Right after a node restart
+/// the cluster may still be electing the leaders of the stream or of a new consumer, and a read
+/// then fails with "no responders" (503), as it would for any client: the whole read is retried
+/// (up to 30 times, a quarter second apart), since what is checked is what the stream stored, not
+/// how fast it answers again.
 async fn payloads(stream: &stream::Stream) -> anyhow::Result<Vec<String>> {
+    let mut last_error = None;
+    for _attempt in 0..30 {
+        match read_all(stream).await {
+            Ok(read) => return Ok(read),
+            Err(error) => last_error = Some(error),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
+}
+
+/// One attempt of [`payloads`].
+async fn read_all(stream: &stream::Stream) -> anyhow::Result<Vec<String>> {
     let stored = stream
         .get_info()
         .await
@@ -53,10 +70,12 @@ async fn payloads(stream: &stream::Stream) -> anyhow::Result<Vec<String>> {
             .messages()
             .await
             .context("fetch")?;
+        let before = read.len();
         while let Some(message) = batch.next().await {
             let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
             read.push(String::from_utf8(message.payload.to_vec())?);
         }
+        anyhow::ensure!(read.len() > before, "a fetch returned nothing");
     }
     Ok(read)
 }
