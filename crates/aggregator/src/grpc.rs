@@ -9,7 +9,7 @@
 //! when the stream breaks: stopping half-way would leave a batch partly applied but marked as
 //! applied. Reads (`Count`, `Series`, `Top`) read the owners' stores in place and merge.
 
-use std::{collections::HashMap, pin::Pin, sync::Arc};
+use std::{pin::Pin, sync::Arc};
 
 use futures::{stream::FuturesOrdered, Stream, StreamExt};
 use hitcounter_proto::aggregator::v1::{
@@ -20,7 +20,7 @@ use hitcounter_telemetry::{rpc, CancellationToken};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{dedup::AppliedBatches, error::AggregatorError, owners::Owners};
+use crate::{applier::Applier, error::AggregatorError, owners::Owners};
 
 /// Most keys in one `Count` call (query sends at most 1000 per `GetHitsMany`).
 const MAX_COUNT_KEYS: usize = 10_000;
@@ -51,75 +51,6 @@ impl AggregatorService {
             )));
         }
         Ok(())
-    }
-}
-
-/// What applying a batch needs, shared by every apply stream and the snapshot stage.
-pub(crate) struct Applier {
-    pub(crate) owners: Owners,
-    pub(crate) applied: AppliedBatches,
-    /// Applies hold it shared; a checkpoint holds it exclusively for the instant it copies the
-    /// stores and the progress, so that the copy contains whole batches only.
-    pub(crate) gate: tokio::sync::RwLock<()>,
-    /// Per producer: every seq <= this is in the newest checkpoint on disk.
-    pub(crate) durable: std::sync::Mutex<HashMap<u64, u64>>,
-    /// Random per process: tells producers that we restarted.
-    pub(crate) incarnation: u64,
-}
-
-impl Applier {
-    fn durable_through(&self, producer: u64) -> u64 {
-        let durable = self.durable.lock().unwrap_or_else(|e| e.into_inner());
-        durable.get(&producer).copied().unwrap_or(0)
-    }
-
-    /// Applies one batch unless it is a resend; returns its ack.
-    async fn apply(&self, batch: ApplyRequest) -> Result<ApplyResponse, AggregatorError> {
-        let _applying = self.gate.read().await;
-        let tick = crate::clock::now_second() as u64;
-        let (producer, seq) = (batch.producer_id, batch.seq);
-        let ack = |duplicate, dropped| ApplyResponse {
-            seq,
-            duplicate,
-            dropped,
-            durable_through: self.durable_through(producer),
-            incarnation: self.incarnation,
-        };
-        if let Some((missing, gone)) = self.applied.skip_gone(producer, batch.first_kept_seq, tick)
-        {
-            // Under the gate, like an apply: a checkpoint holds the new watermark or the old.
-            metrics::counter!("hitcounter_aggregator_lost_batches_total").increment(missing);
-            tracing::error!(
-                producer,
-                first_gone = gone.start(),
-                last_gone = gone.end(),
-                missing,
-                first_kept = batch.first_kept_seq,
-                "batches of this producer that this aggregator does not hold are gone from the \
-                 producer's log: their hits are lost (this aggregator lost its state, e.g. its \
-                 data directory or checkpoint, or forgot the producer at --max-producers); \
-                 going on from the producer's oldest kept batch"
-            );
-        }
-        if seq == 0 {
-            return Ok(ack(true, 0));
-        }
-        if !self.applied.first_time(producer, seq, tick) {
-            metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "duplicate")
-                .increment(1);
-            return Ok(ack(true, 0));
-        }
-        let dropped = match self.owners.apply(batch.deltas).await {
-            Ok(dropped) => dropped,
-            Err(error) => {
-                // Not applied: a resend must not be taken for a duplicate.
-                self.applied.forget(producer, seq);
-                return Err(error);
-            }
-        };
-        metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "applied")
-            .increment(1);
-        Ok(ack(false, dropped))
     }
 }
 

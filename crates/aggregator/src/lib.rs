@@ -21,6 +21,7 @@
 
 pub mod config;
 
+mod applier;
 pub mod checkpoint;
 mod clock;
 mod dedup;
@@ -40,8 +41,9 @@ pub use config::Config;
 pub use error::AggregatorError;
 
 use crate::{
+    applier::Applier,
     dedup::AppliedBatches,
-    grpc::{AggregatorService, Applier},
+    grpc::AggregatorService,
     owners::{OwnerSettings, Owners},
 };
 

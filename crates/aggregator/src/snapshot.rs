@@ -15,7 +15,7 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use hitcounter_telemetry::CancellationToken;
 
-use crate::{checkpoint, dedup::Progress, error::AggregatorError, grpc::Applier};
+use crate::{applier::Applier, checkpoint, dedup::Progress, error::AggregatorError};
 
 /// Runs until `stop` is cancelled, then takes a last checkpoint and returns.
 pub(crate) async fn run(
