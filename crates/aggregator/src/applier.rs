@@ -25,6 +25,9 @@ pub(crate) struct Applier {
     pub(crate) durable: std::sync::Mutex<HashMap<u64, u64>>,
     /// Random per process: tells producers that we restarted.
     pub(crate) incarnation: u64,
+    /// Clustered mode: per hosted partition, the stream position applied through (see
+    /// `consume`). Empty on one machine.
+    pub(crate) positions: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
 }
 
 impl Applier {

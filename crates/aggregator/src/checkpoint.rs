@@ -37,7 +37,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use hitcounter_proto::aggregator::v1::{Checkpoint, KeyCounters, ProducerProgress};
+use hitcounter_proto::aggregator::v1::{
+    Checkpoint, KeyCounters, PartitionPosition, ProducerProgress,
+};
 use hitcounter_wal::storage::{OpenMode, OsStorage, Storage};
 use hitcounter_window::{StoreImage, StoreLimits, WindowStore};
 use prost::Message;
@@ -81,6 +83,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 pub(crate) struct State {
     pub(crate) taken_at_ms: i64,
     pub(crate) producers: Vec<(u64, Progress)>,
+    /// Clustered mode: (partition, stream position applied through).
+    pub(crate) positions: Vec<(u32, u64)>,
     pub(crate) stores: Vec<StoreImage>,
 }
 
@@ -88,6 +92,7 @@ pub(crate) struct State {
 pub(crate) struct Loaded {
     pub(crate) path: PathBuf,
     pub(crate) producers: Vec<(u64, Progress)>,
+    pub(crate) positions: Vec<(u32, u64)>,
     pub(crate) keys: usize,
     pub(crate) counters: usize,
 }
@@ -162,6 +167,15 @@ fn encode<W: Write>(state: &State, out: &mut PayloadWriter<W>) -> std::io::Resul
             message::encode(4, &scratch, &mut out.chunk);
             out.flush_chunk(false)?;
         }
+    }
+    // Field 5 after field 4: the stream is then byte for byte what prost would encode.
+    for &(partition, applied_through) in &state.positions {
+        let position = PartitionPosition {
+            partition,
+            applied_through,
+        };
+        message::encode(5, &position, &mut out.chunk);
+        out.flush_chunk(false)?;
     }
     Ok(())
 }
@@ -362,10 +376,16 @@ fn load_in(
             )
         })
         .collect();
+    let positions = checkpoint
+        .positions
+        .into_iter()
+        .map(|p| (p.partition, p.applied_through))
+        .collect();
     Ok(Some((
         Loaded {
             path,
             producers,
+            positions,
             keys,
             counters,
         },
@@ -396,6 +416,7 @@ mod tests {
                     above: [43].into(),
                 },
             )],
+            positions: vec![(5, 1234)],
             stores: vec![a.image(), b.image()],
         }
     }
@@ -434,6 +455,10 @@ mod tests {
                 applied_above: vec![43],
             }],
             keys,
+            positions: vec![PartitionPosition {
+                partition: 5,
+                applied_through: 1234,
+            }],
         }
         .encode_to_vec();
         assert_eq!(bytes, whole);
@@ -451,6 +476,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((loaded.keys, loaded.counters), (2, 3));
+        assert_eq!(loaded.positions, vec![(5, 1234)]);
         assert_eq!(
             loaded.producers,
             vec![(

@@ -70,6 +70,24 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_APPLY_WINDOW", default_value_t = 4)]
     pub apply_window: usize,
 
+    /// Clustered mode: this aggregator's number among `--nodes` (0-based; e.g. the ordinal of
+    /// a StatefulSet pod). It hosts the partitions the placement gives that number.
+    #[arg(long, env = "HITCOUNTER_NODE_INDEX", default_value_t = 0)]
+    pub node_index: usize,
+
+    /// Clustered mode: how many aggregators the cluster has (query lists them, in node order,
+    /// in its --aggregator).
+    #[arg(long, env = "HITCOUNTER_NODES", default_value_t = 1)]
+    pub nodes: usize,
+
+    /// Clustered mode: aggregators per partition.
+    #[command(flatten)]
+    pub placement: hitcounter_cluster::PlacementArgs,
+
+    /// Clustered mode: the replicated log on NATS JetStream.
+    #[command(flatten)]
+    pub cluster: hitcounter_cluster::ClusterArgs,
+
     /// Shared service settings.
     #[command(flatten)]
     pub service: ServiceArgs,

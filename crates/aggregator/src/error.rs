@@ -17,12 +17,24 @@ pub enum AggregatorError {
     /// The server could not be set up.
     #[error("cannot start the aggregator: {0}")]
     Startup(String),
+    /// Clustered mode: the cluster's log could not be read.
+    #[error("cannot read the cluster's log: {0}")]
+    Log(#[from] hitcounter_cluster::ClusterError),
+    /// Clustered mode: this replica is still reading the log up to its end, so its counts
+    /// may be behind; query asks another replica.
+    #[error("this aggregator is catching up with the cluster's log (applied through position {applied}); ask another replica")]
+    CatchingUp {
+        /// The highest stream position applied so far.
+        applied: u64,
+    },
 }
 
 impl From<AggregatorError> for Status {
     fn from(error: AggregatorError) -> Self {
         match error {
-            AggregatorError::OwnerStopped => Status::unavailable(error.to_string()),
+            AggregatorError::OwnerStopped
+            | AggregatorError::CatchingUp { .. }
+            | AggregatorError::Log(_) => Status::unavailable(error.to_string()),
             AggregatorError::InvalidArgument(message) => Status::invalid_argument(message),
             AggregatorError::Startup(_) | AggregatorError::Checkpoint(_) => {
                 Status::internal(error.to_string())

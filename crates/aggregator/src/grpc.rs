@@ -37,12 +37,24 @@ pub(crate) struct AggregatorService {
     pub(crate) ack_capacity: usize,
     /// Batches of one stream applied at once.
     pub(crate) apply_window: usize,
+    /// False while a clustered aggregator is catching up with the log: reads are refused.
+    pub(crate) ready: tokio::sync::watch::Receiver<bool>,
     pub(crate) shutdown: CancellationToken,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<ApplyResponse, Status>> + Send>>;
 
 impl AggregatorService {
+    /// Refuses reads while the counts are behind the log (clustered mode, catching up).
+    fn check_ready(&self) -> Result<(), AggregatorError> {
+        if *self.ready.borrow() {
+            return Ok(());
+        }
+        Err(AggregatorError::CatchingUp {
+            applied: self.applier.highest_position(),
+        })
+    }
+
     fn check_window(&self, window_seconds: u32) -> Result<(), AggregatorError> {
         if window_seconds == 0 || window_seconds > self.retention_seconds {
             return Err(AggregatorError::InvalidArgument(format!(
@@ -118,6 +130,7 @@ impl Aggregator for AggregatorService {
         request: Request<CountRequest>,
     ) -> Result<Response<CountResponse>, Status> {
         rpc::observe("aggregator", "Count", async {
+            self.check_ready()?;
             let request = request.into_inner();
             self.check_window(request.window_seconds)?;
             if request.keys.len() > MAX_COUNT_KEYS {
@@ -140,6 +153,7 @@ impl Aggregator for AggregatorService {
         request: Request<SeriesRequest>,
     ) -> Result<Response<SeriesResponse>, Status> {
         rpc::observe("aggregator", "Series", async {
+            self.check_ready()?;
             let request = request.into_inner();
             if request.points > MAX_SERIES_POINTS || request.step_seconds == 0 {
                 return Err(AggregatorError::InvalidArgument(format!(
@@ -160,6 +174,7 @@ impl Aggregator for AggregatorService {
 
     async fn top(&self, request: Request<TopRequest>) -> Result<Response<TopResponse>, Status> {
         rpc::observe("aggregator", "Top", async {
+            self.check_ready()?;
             let request = request.into_inner();
             self.check_window(request.window_seconds)?;
             let limit = request.limit.clamp(1, MAX_TOP_LIMIT) as usize;

@@ -23,6 +23,12 @@ pub enum IngestError {
     /// The durable log cannot be written or read.
     #[error("ingest log failure: {0}")]
     Log(String),
+    /// Clustered mode: the cluster's log is at `--nats-max-bytes`.
+    #[error("the cluster's log is full (the aggregators are not keeping up, or --nats-max-bytes is too low); nothing of this request was counted, retry with backoff")]
+    ClusterLogFull,
+    /// Clustered mode: the cluster's log did not take the hits.
+    #[error("{0}")]
+    ClusterLog(String),
     /// Another call with the same batch id is still being recorded.
     #[error("another call with this batch_id is still being recorded; retry to learn its outcome")]
     BatchInFlight,
@@ -47,6 +53,8 @@ impl IngestError {
             IngestError::LedgerFull => "ledger_full",
             IngestError::LogFull => "log_full",
             IngestError::Log(_) => "log_failure",
+            IngestError::ClusterLogFull => "cluster_log_full",
+            IngestError::ClusterLog(_) => "cluster_log_failure",
             IngestError::BatchInFlight => "batch_in_flight",
             IngestError::ShuttingDown => "shutting_down",
             IngestError::StageStopped(_) | IngestError::Startup(_) => "internal",
@@ -61,13 +69,15 @@ impl From<IngestError> for Status {
         }
         match &error {
             IngestError::Invalid(_) => Status::invalid_argument(error.to_string()),
-            IngestError::BufferFull | IngestError::LedgerFull | IngestError::LogFull => {
-                Status::resource_exhausted(error.to_string())
-            }
+            IngestError::BufferFull
+            | IngestError::LedgerFull
+            | IngestError::LogFull
+            | IngestError::ClusterLogFull => Status::resource_exhausted(error.to_string()),
             IngestError::BatchInFlight => Status::aborted(error.to_string()),
-            IngestError::ShuttingDown | IngestError::StageStopped(_) | IngestError::Log(_) => {
-                Status::unavailable(error.to_string())
-            }
+            IngestError::ShuttingDown
+            | IngestError::StageStopped(_)
+            | IngestError::Log(_)
+            | IngestError::ClusterLog(_) => Status::unavailable(error.to_string()),
             IngestError::Startup(_) => Status::internal(error.to_string()),
             // Answered above, with its retry-after-ms metadata.
             IngestError::Refused(_) => Status::internal(error.to_string()),

@@ -167,7 +167,11 @@ impl LogStage {
             shards,
             waiters,
             batch_ids,
+            apart,
         } = flush;
+        // Only clustered mode keeps requests apart (combine is told so); here the ledger alone
+        // judges batch ids.
+        debug_assert!(apart.is_empty(), "the local log got requests kept apart");
         let now_ms = wall_ms();
         let record = LoggedFlush {
             shards: shards
@@ -346,6 +350,7 @@ mod tests {
             shards: vec![Vec::new()],
             waiters: Vec::new(),
             batch_ids: vec![Claimed { guard, accepted: 1 }],
+            apart: Vec::new(),
         }
     }
 

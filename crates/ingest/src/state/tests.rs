@@ -178,6 +178,7 @@ async fn workload(
                     shards: vec![deltas],
                     waiters: senders,
                     batch_ids: claims,
+                    apart: Vec::new(),
                 };
                 let written = stage.write(flush);
                 for (id, accepted, mut rx) in receivers {

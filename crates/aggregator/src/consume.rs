@@ -1,0 +1,162 @@
+//! The `consume` stage (clustered mode): reads this aggregator's partitions from the cluster's
+//! log and applies each message exactly once, by its position.
+//!
+//! Per hosted partition the aggregator keeps the stream position it has applied through; it is
+//! written into every checkpoint together with the counts it produced (both copied under the
+//! apply gate, so they always agree). After a restart reading resumes after the lowest position
+//! of the hosted partitions, and a message at or below its partition's position is skipped:
+//! what JetStream delivers again, or what the restart reads twice, is never applied twice. The
+//! producer's (id, seq) check runs as well, for the other source of repeats: a publish retried
+//! after a timeout stores the same batch at two positions.
+//!
+//! Until the reader has reached the end of the log as it was when the reader was created
+//! (a consumer with nothing pending), the counts are behind: reads are refused with
+//! `UNAVAILABLE` ("catching up"), so query asks another replica instead of showing a count
+//! that goes back in time. A read error (a NATS server or leader change the client could not
+//! ride out) reopens the reader from the positions after a pause.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use hitcounter_cluster::{HitStream, LoggedBatch};
+use hitcounter_telemetry::CancellationToken;
+use tokio::sync::watch;
+
+use crate::{applier::Applier, error::AggregatorError};
+
+/// Pause before reopening the reader after a read error.
+const REOPEN_PAUSE: Duration = Duration::from_millis(500);
+
+/// Reads the hosted partitions and applies them.
+pub(crate) struct LogConsumer {
+    pub(crate) applier: Arc<Applier>,
+    pub(crate) stream: HitStream,
+    /// The partitions this aggregator hosts.
+    pub(crate) partitions: Vec<u32>,
+    /// Set once the reader has caught up with the log.
+    pub(crate) caught_up: watch::Sender<bool>,
+}
+
+impl LogConsumer {
+    /// Runs until `stop` is cancelled. Fails only when applying fails (an owner stopped).
+    pub(crate) async fn run(self, stop: CancellationToken) -> Result<(), AggregatorError> {
+        let lag = metrics::gauge!("hitcounter_aggregator_log_pending");
+        while !stop.is_cancelled() {
+            let from = self.applier.resume_position(&self.partitions) + 1;
+            let (pending, mut messages) = match self.stream.read(&self.partitions, from).await {
+                Ok(reader) => reader,
+                Err(error) => {
+                    tracing::warn!(%error, from, "cannot read the cluster's log; trying again");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(REOPEN_PAUSE) => continue,
+                    }
+                }
+            };
+            tracing::info!(
+                from,
+                pending,
+                partitions = self.partitions.len(),
+                "reading the cluster's log"
+            );
+            lag.set(pending as f64);
+            if pending == 0 {
+                self.mark_caught_up();
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(logged)) => {
+                        let pending = logged.pending;
+                        self.applier.apply_logged(logged).await?;
+                        lag.set(pending as f64);
+                        if pending == 0 {
+                            self.mark_caught_up();
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "reading the cluster's log failed; reopening");
+                        metrics::counter!("hitcounter_aggregator_log_reopened_total").increment(1);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(REOPEN_PAUSE) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_caught_up(&self) {
+        if !*self.caught_up.borrow() {
+            tracing::info!(
+                applied_through = self.applier.resume_position(&self.partitions),
+                "caught up with the cluster's log: serving reads"
+            );
+            let _ = self.caught_up.send(true);
+        }
+    }
+}
+
+impl Applier {
+    /// The position reading resumes after: the lowest applied-through of `partitions` (0 when
+    /// one of them has nothing applied yet).
+    pub(crate) fn resume_position(&self, partitions: &[u32]) -> u64 {
+        let positions = self.lock_positions();
+        partitions
+            .iter()
+            .map(|p| positions.get(p).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// The highest position applied in any partition.
+    pub(crate) fn highest_position(&self) -> u64 {
+        self.lock_positions().values().copied().max().unwrap_or(0)
+    }
+
+    pub(crate) fn lock_positions(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, u64>> {
+        // Single-step updates on a plain map: a poisoned lock leaves it usable.
+        self.positions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one message of the log unless its position (or its producer's seq) says it
+    /// was applied before. Under the apply gate, so a checkpoint holds the message's counts
+    /// and its position, or neither.
+    pub(crate) async fn apply_logged(&self, logged: LoggedBatch) -> Result<(), AggregatorError> {
+        let _applying = self.gate.read().await;
+        let LoggedBatch {
+            sequence,
+            partition,
+            batch,
+            ..
+        } = logged;
+        let applied_through = self.lock_positions().get(&partition).copied().unwrap_or(0);
+        if sequence <= applied_through {
+            metrics::counter!("hitcounter_aggregator_log_messages_total", "outcome" => "replayed")
+                .increment(1);
+            return Ok(());
+        }
+        let tick = crate::clock::now_second() as u64;
+        let (producer, seq) = (batch.producer_id, batch.seq);
+        if self.applied.first_time(producer, seq, tick) {
+            if let Err(error) = self.owners.apply(batch.deltas).await {
+                self.applied.forget(producer, seq);
+                return Err(error);
+            }
+            metrics::counter!("hitcounter_aggregator_log_messages_total", "outcome" => "applied")
+                .increment(1);
+        } else {
+            metrics::counter!("hitcounter_aggregator_log_messages_total", "outcome" => "duplicate")
+                .increment(1);
+        }
+        self.lock_positions().insert(partition, sequence);
+        Ok(())
+    }
+}
