@@ -53,6 +53,8 @@ const PARTITIONS_METADATA: &str = "hitcounter.partitions";
 const PRODUCER_HEADER: &str = "Hitcounter-Producer";
 /// The marker header naming that flush.
 const FLUSH_HEADER: &str = "Hitcounter-Flush";
+/// How long a starting service waits for the NATS servers and the stream.
+const START_WAIT: Duration = Duration::from_secs(60);
 /// The most messages in one atomic batch (a server limit).
 pub const MAX_BATCH_MESSAGES: usize = 1000;
 
@@ -120,6 +122,26 @@ impl HitStream {
     /// Fails when the servers cannot be reached, the stream cannot be created, or it exists
     /// with a different partition count.
     pub async fn open(args: &ClusterArgs, max_age: Duration) -> Result<Self, ClusterError> {
+        // Services and NATS servers start in any order (compose, Kubernetes, by hand), and a
+        // fresh JetStream cluster needs a few seconds to elect its meta leader: keep trying
+        // for a while, saying so, before giving up with the last error.
+        let deadline = tokio::time::Instant::now() + START_WAIT;
+        loop {
+            match Self::open_once(args, max_age).await {
+                Ok(stream) => return Ok(stream),
+                Err(error @ (ClusterError::PartitionMismatch { .. } | ClusterError::Config(_))) => {
+                    return Err(error)
+                }
+                Err(error) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(%error, "the cluster's log is not ready; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
+    }
+
+    async fn open_once(args: &ClusterArgs, max_age: Duration) -> Result<Self, ClusterError> {
         let urls = args.nats.join(",");
         let addrs = args
             .nats
