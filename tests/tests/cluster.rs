@@ -8,7 +8,8 @@
 //! - `chaos_keeps_every_acknowledged_hit_exactly_once`: clients stream batches with batch ids
 //!   and tally every acknowledged hit, resending an unacknowledged batch to the *other* ingest;
 //!   meanwhile, one at a time, a NATS node, an ingest, an aggregator (restarted on its data
-//!   directory) and an aggregator (restarted on an empty one) are `kill -9`ed. A reader asks
+//!   directory) and an aggregator (restarted on an empty one) are `kill -9`ed, and a NATS node
+//!   is cut off the network (iptables) for three seconds and healed. A reader asks
 //!   for every key all along and must never fail. At the end every key's count equals the
 //!   tally. Seeded (`HITCOUNTER_CLUSTER_SEED`); the seed is printed.
 //!
@@ -182,6 +183,14 @@ impl Deployment {
         tokio::time::sleep(Duration::from_millis(500)).await;
         link.retarget(service.start().await?);
         Ok(())
+    }
+
+    /// Cuts NATS node `node` off the network for a while, then heals it.
+    async fn cut_nats(&mut self, node: usize) -> anyhow::Result<()> {
+        self.nats.cut(node)?;
+        tokio::time::sleep(Duration::from_millis(3000)).await;
+        self.nats.heal(node)?;
+        self.nats.wait_ready().await
     }
 
     async fn kill_nats(&mut self, node: usize) -> anyhow::Result<()> {
@@ -421,7 +430,13 @@ async fn chaos_keeps_every_acknowledged_hit_exactly_once() -> anyhow::Result<()>
     ));
 
     // One fault at a time, in a seeded order.
-    let mut faults = vec!["nats", "ingest", "aggregator", "aggregator-empty"];
+    let mut faults = vec![
+        "nats",
+        "nats-cut",
+        "ingest",
+        "aggregator",
+        "aggregator-empty",
+    ];
     for i in (1..faults.len()).rev() {
         faults.swap(i, rng.random_range(0..=i));
     }
@@ -430,6 +445,7 @@ async fn chaos_keeps_every_acknowledged_hit_exactly_once() -> anyhow::Result<()>
         let before = acked.load(Ordering::Relaxed);
         match fault {
             "nats" => deployment.kill_nats(rng.random_range(0..3)).await?,
+            "nats-cut" => deployment.cut_nats(rng.random_range(0..3)).await?,
             "ingest" => deployment.kill_ingest(rng.random_range(0..2)).await?,
             "aggregator" => {
                 deployment
