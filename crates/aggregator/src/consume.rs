@@ -24,6 +24,10 @@ use tokio::sync::watch;
 
 use crate::{applier::Applier, error::AggregatorError};
 
+/// Messages applied between two raises of every hosted partition's position (see
+/// [`Applier::raise_positions`]).
+const RAISE_EVERY: u64 = 256;
+
 /// Pause before reopening the reader after a read error.
 const REOPEN_PAUSE: Duration = Duration::from_millis(500);
 
@@ -59,6 +63,7 @@ impl LogConsumer {
                 partitions = self.partitions.len(),
                 "reading the cluster's log"
             );
+            let mut applied = 0u64;
             lag.set(pending as f64);
             if pending == 0 {
                 self.mark_caught_up();
@@ -70,9 +75,13 @@ impl LogConsumer {
                 };
                 match next {
                     Some(Ok(logged)) => {
-                        let pending = logged.pending;
+                        let (pending, sequence) = (logged.pending, logged.sequence);
                         self.applier.apply_logged(logged).await?;
+                        applied += 1;
                         lag.set(pending as f64);
+                        if pending == 0 || applied % RAISE_EVERY == 0 {
+                            self.applier.raise_positions(&self.partitions, sequence);
+                        }
                         if pending == 0 {
                             self.mark_caught_up();
                         }
@@ -114,6 +123,20 @@ impl Applier {
             .map(|p| positions.get(p).copied().unwrap_or(0))
             .min()
             .unwrap_or(0)
+    }
+
+    /// Raises the position of every partition in `partitions` to `through`: the reader
+    /// delivers the hosted partitions' messages in stream order, so once the message at
+    /// `through` is applied, every hosted partition holds everything up to it, including a
+    /// partition that had no message at all (whose position would otherwise stay 0 and make
+    /// every restart read the whole log again). Needs no gate: either value is true at any
+    /// moment after that message was applied.
+    pub(crate) fn raise_positions(&self, partitions: &[u32], through: u64) {
+        let mut positions = self.lock_positions();
+        for &p in partitions {
+            let position = positions.entry(p).or_insert(0);
+            *position = (*position).max(through);
+        }
     }
 
     /// The highest position applied in any partition.
