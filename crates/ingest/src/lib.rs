@@ -174,33 +174,9 @@ pub async fn serve(
             .run(flush_rx)
             .instrument(tracing::info_span!("log")),
     );
-    let settings = CombineSettings {
-        max_deltas: config.combine_max_deltas,
-        interval: std::time::Duration::from_millis(config.combine_interval_ms),
-        keep_apart: false,
-        max_apart: 0,
-    };
-    let mut combine = tokio::spawn(
-        combine::run(hits_rx, flush_tx, shards, settings)
-            .instrument(tracing::info_span!("combine")),
-    );
+    let mut combine = start_combine(&config, hits_rx, flush_tx, shards, None);
 
-    let service = IngestService {
-        hits: hits_tx.clone(),
-        ledger,
-        rules: TimeRules {
-            retention_seconds: config.retention_seconds,
-            max_future_skew_seconds: config.max_future_skew_seconds,
-        },
-        enqueue_timeout: config.enqueue_timeout(),
-        stream_response_capacity: config.stream_response_capacity,
-        stream_window: config.stream_window.max(1),
-        shutdown: shutdown.clone(),
-    };
-
-    let service = IngestServer::new(service)
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let service = edge(&config, hits_tx.clone(), ledger, &shutdown);
     tracing::info!(
         addr = ?listeners.grpc.local_addr().ok(),
         shards = links.len(),
@@ -259,6 +235,53 @@ pub async fn serve(
     served
 }
 
+/// The gRPC edge in front of the pipeline's hits channel: the same in both modes.
+fn edge(
+    config: &Config,
+    hits: hitcounter_pipeline::StageSender<stages::Pending>,
+    ledger: Arc<BatchLedger>,
+    shutdown: &CancellationToken,
+) -> IngestServer<IngestService> {
+    let service = IngestService {
+        hits,
+        ledger,
+        rules: TimeRules {
+            retention_seconds: config.retention_seconds,
+            max_future_skew_seconds: config.max_future_skew_seconds,
+        },
+        enqueue_timeout: config.enqueue_timeout(),
+        stream_response_capacity: config.stream_response_capacity,
+        stream_window: config.stream_window.max(1),
+        shutdown: shutdown.clone(),
+    };
+    let max_message = config.service.max_message_bytes;
+    IngestServer::new(service)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message)
+}
+
+/// Starts the `combine` stage splitting deltas into `parts` (shards, or partitions in clustered
+/// mode, where requests with a batch id are kept apart, at most `keep_apart` per flush).
+fn start_combine(
+    config: &Config,
+    hits: hitcounter_pipeline::StageReceiver<stages::Pending>,
+    flushes: hitcounter_pipeline::StageSender<stages::Flush>,
+    parts: usize,
+    keep_apart: Option<usize>,
+) -> tokio::task::JoinHandle<Result<(), IngestError>> {
+    let settings = CombineSettings {
+        max_deltas: config.combine_max_deltas,
+        interval: std::time::Duration::from_millis(config.combine_interval_ms),
+        keep_apart: keep_apart.is_some(),
+        max_apart: keep_apart
+            .unwrap_or(0)
+            .min(config.combine_max_deltas.max(1)),
+    };
+    tokio::spawn(
+        combine::run(hits, flushes, parts, settings).instrument(tracing::info_span!("combine")),
+    )
+}
+
 /// Clustered mode: runs ingest stateless on the cluster's replicated log. No data directory,
 /// no forwarders: flushes are published to the JetStream stream, from which the aggregators
 /// read, and a request is acknowledged once the stream committed it.
@@ -301,32 +324,8 @@ async fn serve_clustered(
         );
     }
     drop(flush_rx);
-    let settings = CombineSettings {
-        max_deltas: config.combine_max_deltas,
-        interval: std::time::Duration::from_millis(config.combine_interval_ms),
-        keep_apart: true,
-        max_apart: max_apart.min(config.combine_max_deltas.max(1)),
-    };
-    let mut combine = tokio::spawn(
-        combine::run(hits_rx, flush_tx, partitions, settings)
-            .instrument(tracing::info_span!("combine")),
-    );
-    let service = IngestService {
-        hits: hits_tx.clone(),
-        ledger,
-        rules: TimeRules {
-            retention_seconds: config.retention_seconds,
-            max_future_skew_seconds: config.max_future_skew_seconds,
-        },
-        enqueue_timeout: config.enqueue_timeout(),
-        stream_response_capacity: config.stream_response_capacity,
-        stream_window: config.stream_window.max(1),
-        shutdown: shutdown.clone(),
-    };
-    let max_message = config.service.max_message_bytes;
-    let service = IngestServer::new(service)
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let mut combine = start_combine(&config, hits_rx, flush_tx, partitions, Some(max_apart));
+    let service = edge(&config, hits_tx.clone(), ledger, &shutdown);
     tracing::info!(
         addr = ?listeners.grpc.local_addr().ok(),
         stream = stream.name(),
