@@ -79,7 +79,7 @@ impl LogConsumer {
                         self.applier.apply_logged(logged).await?;
                         applied += 1;
                         lag.set(pending as f64);
-                        if pending == 0 || applied % RAISE_EVERY == 0 {
+                        if pending == 0 || applied.is_multiple_of(RAISE_EVERY) {
                             self.applier.raise_positions(&self.partitions, sequence);
                         }
                         if pending == 0 {
