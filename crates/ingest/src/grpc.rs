@@ -89,6 +89,10 @@ impl IngestService {
         match durable.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(DurableError::Full { .. })) => Err(IngestError::LogFull),
+            Ok(Err(DurableError::KeyLimit(why))) => Err(IngestError::AggregatorKeyLimit(why)),
+            Ok(Err(error @ DurableError::DiskFull(_))) => {
+                Err(IngestError::DiskFull(error.to_string()))
+            }
             Ok(Err(DurableError::Io(message))) => Err(IngestError::Log(message)),
             Err(_) => Err(IngestError::ShuttingDown),
         }
