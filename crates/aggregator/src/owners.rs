@@ -58,7 +58,9 @@
 //!
 //! The reservation is cheap far from the limit: every delta of a part is taken to be a new key
 //! (an upper bound, no lookups). Only when that bound does not fit are the part's keys looked up
-//! in the store, and the exact number of distinct new keys reserved.
+//! in the store, and the exact number of distinct new keys reserved. Near the limit a refusal can
+//! be conservative (two batches in flight that bring the same new key each reserve room for it);
+//! the refused batch's retry then goes through.
 //!
 //! The refusal is visible to operators: `hitcounter_aggregator_key_limit_reached` is 1 while
 //! batches were refused in the last [`KEY_LIMIT_GAUGE_HOLD`] (it is refreshed every second),
