@@ -142,6 +142,10 @@ async fn a_flood_beyond_the_key_limit_is_refused_then_counted_exactly_after_a_ra
         flooded > 10,
         "only {flooded} flood requests were acknowledged"
     );
+    eprintln!(
+        "key limit 10: {flooded} flood requests acknowledged (kept in a 64 KiB log) before the \
+         first RESOURCE_EXHAUSTED: {refusal}"
+    );
     // Nothing of the flood was applied, and the aggregator and ingest both show it.
     for (key, _) in acked.iter().skip(10).take(20) {
         anyhow::ensure!(count(&stack.query, key, 3600).await? == 0, "{key} counted");
@@ -198,7 +202,13 @@ async fn a_flood_beyond_the_key_limit_is_refused_then_counted_exactly_after_a_ra
     raised.ready("aggregator with a higher limit").await?;
     stack.aggregators.push(raised);
 
+    let draining = std::time::Instant::now();
     until_counts(&stack.query, &acked, 3600).await?;
+    eprintln!(
+        "after the restart with --max-keys 100000, all {} acknowledged requests counted in {:?}",
+        acked.len(),
+        draining.elapsed()
+    );
     for key in &refused {
         anyhow::ensure!(
             count(&stack.query, key, 3600).await? == 0,
