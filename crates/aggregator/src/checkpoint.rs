@@ -18,6 +18,14 @@
 //! into place and the directory fsynced, so a crash leaves either the old or the new checkpoint,
 //! never a torn one; older checkpoints are then deleted and the directory fsynced again.
 //!
+//! A write that fails (a full disk, most often) removes its `.tmp` file at once, so the failure
+//! does not pin a checkpoint's size of the disk until the next success, and leaves the previous
+//! checkpoint untouched; the `snapshot` stage logs it, counts it
+//! (`hitcounter_aggregator_checkpoint_failures_total`), keeps serving, reports nothing new as
+//! durable (so ingest trims nothing the failed checkpoint would have covered) and tries again
+//! at the next tick. A checkpoint needs room for a second copy of the state next to the
+//! previous one, which is deleted only once the new one is durable.
+//!
 //! The generation is one more than the newest file's in the directory, never a clock reading: a
 //! wall clock that steps back would otherwise name a newer checkpoint below an older one, and
 //! an OS crash that undid the (not yet durable) deletion of the older file would bring it back as
@@ -202,29 +210,21 @@ fn write_in(storage: &dyn Storage, dir: &Path, state: &State) -> Result<u64, Che
     let name = format!("checkpoint-{generation:020}.ckpt");
     let path = dir.join(&name);
     let tmp = dir.join(format!("{name}.tmp"));
-    let payload_len = {
-        let mut file = storage
-            .open(&tmp, OpenMode::CreateTruncate)
-            .map_err(io(&tmp))?;
-        // The header's length and checksum are known only at the end: leave room, write the
-        // payload, then go back and fill the header in.
-        file.write_all(&[0u8; HEADER]).map_err(io(&tmp))?;
-        let mut payload = PayloadWriter::new(std::io::BufWriter::new(file));
-        encode(state, &mut payload).map_err(io(&tmp))?;
-        let (buffered, len, crc) = payload.finish().map_err(io(&tmp))?;
-        let mut file = buffered
-            .into_inner()
-            .map_err(|e| io(&tmp)(e.into_error()))?;
-        let mut header = Vec::with_capacity(HEADER);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&FORMAT.to_le_bytes());
-        header.extend_from_slice(&len.to_le_bytes());
-        header.extend_from_slice(&crc.to_le_bytes());
-        file.seek(SeekFrom::Start(0)).map_err(io(&tmp))?;
-        file.write_all(&header).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        len
-    };
+    let written = write_tmp(storage, &tmp, state);
+    if written.is_err() {
+        // A failed write (a full disk, most likely) must not leave its partial file behind
+        // until the next success: it would pin up to a checkpoint's size of the disk that is
+        // already short. The previous checkpoint is untouched (it is replaced only by the
+        // rename below).
+        match storage.remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %tmp.display(), error = %e, "cannot remove a failed checkpoint's temporary file; the next checkpoint removes it");
+            }
+        }
+    }
+    let payload_len = written?;
     storage.rename(&tmp, &path).map_err(io(&path))?;
     sync_dir(dir)?;
     let mut deleted = false;
@@ -245,6 +245,29 @@ fn write_in(storage: &dyn Storage, dir: &Path, state: &State) -> Result<u64, Che
         _ => sync_dir(Path::new("."))?,
     }
     Ok(HEADER as u64 + payload_len)
+}
+
+/// Writes `state` to `tmp` and fsyncs it; returns the payload's length.
+fn write_tmp(storage: &dyn Storage, tmp: &Path, state: &State) -> Result<u64, CheckpointError> {
+    let mut file = storage
+        .open(tmp, OpenMode::CreateTruncate)
+        .map_err(io(tmp))?;
+    // The header's length and checksum are known only at the end: leave room, write the
+    // payload, then go back and fill the header in.
+    file.write_all(&[0u8; HEADER]).map_err(io(tmp))?;
+    let mut payload = PayloadWriter::new(std::io::BufWriter::new(file));
+    encode(state, &mut payload).map_err(io(tmp))?;
+    let (buffered, len, crc) = payload.finish().map_err(io(tmp))?;
+    let mut file = buffered.into_inner().map_err(|e| io(tmp)(e.into_error()))?;
+    let mut header = Vec::with_capacity(HEADER);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&FORMAT.to_le_bytes());
+    header.extend_from_slice(&len.to_le_bytes());
+    header.extend_from_slice(&crc.to_le_bytes());
+    file.seek(SeekFrom::Start(0)).map_err(io(tmp))?;
+    file.write_all(&header).map_err(io(tmp))?;
+    file.sync_all().map_err(io(tmp))?;
+    Ok(len)
 }
 
 /// Checkpoint files in `dir`, oldest first; leftover `.tmp` files of an interrupted write are

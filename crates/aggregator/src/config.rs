@@ -34,8 +34,11 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_OWNER_MAILBOX", default_value_t = 1024)]
     pub owner_mailbox: usize,
 
-    /// Most distinct keys held by this aggregator; deltas for new keys beyond it are dropped,
-    /// counted in `hitcounter_aggregator_deltas_dropped_total` and logged.
+    /// Most distinct keys held by this aggregator (split evenly over the owners). A batch whose
+    /// new keys do not fit is refused whole, never dropped: ingest keeps it in its log and
+    /// retries, and once its log is full refuses writes with RESOURCE_EXHAUSTED ("aggregator key
+    /// limit reached on shard N"), until keys age out of the retention or the limit is raised
+    /// (`hitcounter_aggregator_key_limit_reached`).
     #[arg(long, env = "HITCOUNTER_MAX_KEYS", default_value_t = 10_000_000)]
     pub max_keys: usize,
 

@@ -13,7 +13,9 @@
 //! (a consumer with nothing pending), the counts are behind: reads are refused with
 //! `UNAVAILABLE` ("catching up"), so query asks another replica instead of showing a count
 //! that goes back in time. A read error (a NATS server or leader change the client could not
-//! ride out) reopens the reader from the positions after a pause.
+//! ride out) reopens the reader from the positions after a pause. So does a message refused
+//! whole at the key limit (`--max-keys`): it stays in the log and is read again until it fits,
+//! exactly as a forwarder retries it on one machine.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -27,6 +29,9 @@ use crate::{applier::Applier, error::AggregatorError};
 /// Messages applied between two raises of every hosted partition's position (see
 /// [`Applier::raise_positions`]).
 const RAISE_EVERY: u64 = 256;
+
+/// Pause before reading a message the key limit refused again.
+const KEY_LIMIT_PAUSE: Duration = Duration::from_secs(1);
 
 /// Pause before reopening the reader after a read error.
 const REOPEN_PAUSE: Duration = Duration::from_millis(500);
@@ -76,7 +81,23 @@ impl LogConsumer {
                 match next {
                     Some(Ok(logged)) => {
                         let (pending, sequence) = (logged.pending, logged.sequence);
-                        self.applier.apply_logged(logged).await?;
+                        match self.applier.apply_logged(logged).await {
+                            Ok(()) => {}
+                            // Not applied, position not advanced: read it again after a pause
+                            // (keys age out, or the limit is raised and the aggregator
+                            // restarted). The log keeps it; nothing is dropped. Owners log it
+                            // and set the key-limit gauge.
+                            Err(AggregatorError::KeyLimit(_)) => {
+                                metrics::counter!("hitcounter_aggregator_log_messages_total", "outcome" => "refused_key_limit")
+                                    .increment(1);
+                                tokio::select! {
+                                    _ = stop.cancelled() => return Ok(()),
+                                    _ = tokio::time::sleep(KEY_LIMIT_PAUSE) => {}
+                                }
+                                break;
+                            }
+                            Err(error) => return Err(error),
+                        }
                         applied += 1;
                         lag.set(pending as f64);
                         if pending == 0 || applied.is_multiple_of(RAISE_EVERY) {

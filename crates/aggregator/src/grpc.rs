@@ -95,7 +95,15 @@ impl Aggregator for AggregatorService {
                                     let applier = Arc::clone(&applier);
                                     applying.push_back(async move {
                                         let started = std::time::Instant::now();
-                                        let ack = applier.apply(batch).await.map_err(Status::from);
+                                        let (producer, seq) = (batch.producer_id, batch.seq);
+                                        // A key-limit refusal is an answer, not a broken stream:
+                                        // the ack says so and the stream goes on.
+                                        let ack = match applier.apply(batch).await {
+                                            Err(AggregatorError::KeyLimit(refusal)) => {
+                                                Ok(applier.refusal_ack(producer, seq, &refusal))
+                                            }
+                                            applied => applied.map_err(Status::from),
+                                        };
                                         rpc::record("aggregator", "Apply", &ack, started);
                                         ack
                                     });

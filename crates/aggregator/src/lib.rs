@@ -39,7 +39,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 pub use config::Config;
-pub use error::AggregatorError;
+pub use error::{AggregatorError, KeyLimitRefusal};
 
 use crate::{
     applier::Applier,

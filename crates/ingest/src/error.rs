@@ -20,6 +20,13 @@ pub enum IngestError {
     /// The durable log is at its disk budget.
     #[error("ingest's durable buffer is full (the aggregator is down or slow); nothing of this request was counted, retry with backoff")]
     LogFull,
+    /// The durable log is at its disk budget because an aggregator refuses batches at its key
+    /// limit ("aggregator key limit reached on shard N: …").
+    #[error("{0}; nothing of this request was counted, retry with backoff")]
+    AggregatorKeyLimit(String),
+    /// The file system holding the durable log is full (the message says which file).
+    #[error("{0}; nothing of this request was counted, retry with backoff")]
+    DiskFull(String),
     /// The durable log cannot be written or read.
     #[error("ingest log failure: {0}")]
     Log(String),
@@ -52,6 +59,8 @@ impl IngestError {
             IngestError::BufferFull => "buffer_full",
             IngestError::LedgerFull => "ledger_full",
             IngestError::LogFull => "log_full",
+            IngestError::AggregatorKeyLimit(_) => "aggregator_key_limit",
+            IngestError::DiskFull(_) => "disk_full",
             IngestError::Log(_) => "log_failure",
             IngestError::ClusterLogFull => "cluster_log_full",
             IngestError::ClusterLog(_) => "cluster_log_failure",
@@ -72,7 +81,9 @@ impl From<IngestError> for Status {
             IngestError::BufferFull
             | IngestError::LedgerFull
             | IngestError::LogFull
-            | IngestError::ClusterLogFull => Status::resource_exhausted(error.to_string()),
+            | IngestError::ClusterLogFull
+            | IngestError::AggregatorKeyLimit(_)
+            | IngestError::DiskFull(_) => Status::resource_exhausted(error.to_string()),
             IngestError::BatchInFlight => Status::aborted(error.to_string()),
             IngestError::ShuttingDown
             | IngestError::StageStopped(_)

@@ -99,6 +99,10 @@ impl IngestService {
             Ok(Ok(())) => Ok(Stored::New),
             Ok(Err(DurableError::Duplicate { accepted })) => Ok(Stored::Duplicate(accepted)),
             Ok(Err(DurableError::Full { .. })) => Err(IngestError::LogFull),
+            Ok(Err(DurableError::KeyLimit(why))) => Err(IngestError::AggregatorKeyLimit(why)),
+            Ok(Err(error @ DurableError::DiskFull(_))) => {
+                Err(IngestError::DiskFull(error.to_string()))
+            }
             Ok(Err(DurableError::Io(message))) => Err(IngestError::Log(message)),
             Ok(Err(DurableError::ClusterFull)) => Err(IngestError::ClusterLogFull),
             Ok(Err(DurableError::Cluster(message))) => Err(IngestError::ClusterLog(message)),

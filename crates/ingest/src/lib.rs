@@ -149,6 +149,7 @@ pub async fn serve(
             written: written_rx.clone(),
             durable: durable_tx,
             abandon: abandon.clone(),
+            key_limits: Arc::clone(&stages::log::lock(&logs).key_limits),
         };
         forwarders.spawn(
             forwarder
@@ -168,6 +169,7 @@ pub async fn serve(
         background_sync: (config.fsync == config::FsyncMode::Never)
             .then_some(std::time::Duration::from_millis(100)),
         last_background_sync: std::sync::Mutex::new(std::time::Instant::now()),
+        disk_full_logged: std::sync::Mutex::new(None),
     };
     let mut log_task = tokio::spawn(
         log_stage

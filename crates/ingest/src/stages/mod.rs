@@ -62,6 +62,14 @@ pub(crate) enum DurableError {
         /// The budget.
         budget: u64,
     },
+    /// The log is at its budget while an aggregator refuses this ingest's batches at its key
+    /// limit (the backlog is held back there, not by a slow aggregator): the message names the
+    /// shard and the aggregator's reason.
+    #[error("{0}")]
+    KeyLimit(String),
+    /// The file system holding the log is full: nothing of the flush was written.
+    #[error("the disk holding the ingest log is full: {0}")]
+    DiskFull(String),
     /// The disk failed.
     #[error("cannot write the ingest log: {0}")]
     Io(String),
