@@ -7,8 +7,8 @@
 //! - [`server`]: the gRPC server every service runs (health, reflection, metrics, drain), and
 //!   its tower stack: bearer-token authentication (`hitcounter-auth`) on the public ports.
 //! - [`ServiceArgs`]: the command-line knobs every service has (log format, metrics address,
-//!   drain deadline, message size limit, runtime worker threads), and the tokio runtime built
-//!   from them ([`ServiceArgs::runtime`]).
+//!   drain deadline, message size limit, runtime worker threads, TLS files), and the tokio
+//!   runtime built from them ([`ServiceArgs::runtime`]).
 
 pub mod logging;
 pub mod metrics;
@@ -16,8 +16,9 @@ pub mod rpc;
 pub mod server;
 pub mod shutdown;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use hitcounter_transport::tls::{ServerTls, TlsError};
 pub use tokio_util::sync::CancellationToken;
 
 /// Command-line and environment settings every service shares; flattened into each service's
@@ -48,6 +49,21 @@ pub struct ServiceArgs {
     /// faster there). Scale query out with more replicas, or up with this flag.
     #[arg(long, env = "HITCOUNTER_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
+
+    /// Serve gRPC over TLS with this certificate chain (PEM, leaf first); needs `--tls-key`.
+    /// Re-read, with the key and client CA, on SIGHUP: new connections get the new certificate,
+    /// open ones (streams included) are left alone.
+    #[arg(long, env = "HITCOUNTER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `--tls-cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "HITCOUNTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS, for the internal
+    /// aggregator port. Needs `--tls-cert`.
+    #[arg(long, env = "HITCOUNTER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 /// How many worker threads a service runs when `--worker-threads` is not given.
@@ -79,6 +95,24 @@ impl ServiceArgs {
             .worker_threads(self.worker_threads(default))
             .enable_all()
             .build()
+    }
+
+    /// The TLS configuration of `--tls-cert`/`--tls-key`/`--tls-client-ca`, loaded now, or
+    /// `None` to serve plain text.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the file that is missing or unusable (a key that does not fit the
+    /// certificate, a file that is not PEM): a start-up failure.
+    pub fn server_tls(&self) -> Result<Option<ServerTls>, TlsError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        ServerTls::load(hitcounter_transport::tls::ServerTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        })
+        .map(Some)
     }
 
     /// The drain deadline as a [`Duration`].
@@ -148,6 +182,8 @@ pub struct Listeners {
     pub grpc: tokio::net::TcpListener,
     /// The `/metrics` listener, if the endpoint is enabled.
     pub metrics: Option<tokio::net::TcpListener>,
+    /// When set, the gRPC listener serves TLS with it (see [`Listeners::with_tls`]).
+    pub tls: Option<ServerTls>,
 }
 
 impl Listeners {
@@ -167,7 +203,20 @@ impl Listeners {
             ),
             None => None,
         };
-        Ok(Self { grpc, metrics })
+        Ok(Self {
+            grpc,
+            metrics,
+            tls: None,
+        })
+    }
+
+    /// These listeners serving TLS as `service`'s flags say (plain text without `--tls-cert`).
+    ///
+    /// # Errors
+    /// [`TlsError`] when the TLS files are missing or unusable.
+    pub fn with_tls(mut self, service: &ServiceArgs) -> Result<Self, TlsError> {
+        self.tls = service.server_tls()?;
+        Ok(self)
     }
 }
 

@@ -15,8 +15,13 @@
 //! is one scheduler turn (microseconds) and bounded: a second flush always writes. The buffer is
 //! bounded too ([`MAX_BUFFERED_BYTES`]); past it, writes go through to the socket.
 //!
-//! Clients get their [`tonic::transport::Channel`] from [`connect`] or [`connect_lazy`];
-//! servers wrap their listener with [`incoming`].
+//! Clients get their [`tonic::transport::Channel`] from [`connect`] or [`connect_lazy`] (with
+//! [`tls::ClientTls`] applied to the endpoint for `https://`: tonic runs the TLS client on top of
+//! our connection); servers wrap their listener with [`incoming`], or with [`tls::incoming_tls`]
+//! to serve TLS (the handshake runs on top of the [`CoalescingStream`], so every TLS flush is
+//! still one write).
+
+pub mod tls;
 
 use std::{
     io,
@@ -177,7 +182,12 @@ async fn dial(uri: Uri) -> io::Result<TokioIo<CoalescingStream<TcpStream>>> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
     // `[::1]` in a URI is `::1` to the resolver.
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
     let stream = TcpStream::connect((host, port)).await?;
     stream.set_nodelay(true)?;
     Ok(TokioIo::new(CoalescingStream::new(stream)))
