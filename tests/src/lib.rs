@@ -158,7 +158,7 @@ where
     Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display,
 {
-    let listeners = listeners().await?.with_tls(service)?;
+    let listeners = listeners().await?.configured(service)?;
     let (addr, metrics_addr) = addrs(&listeners)?;
     let shutdown = CancellationToken::new();
     let served = serve(listeners, shutdown.clone());
@@ -396,7 +396,7 @@ pub async fn start_aggregator_on(addr: SocketAddr, args: &[&str]) -> anyhow::Res
     let config = hitcounter_aggregator::Config::try_parse_from(line)?;
     let listeners = Listeners::bind(addr, Some("127.0.0.1:0".parse()?))
         .await?
-        .with_tls(&config.service)?;
+        .configured(&config.service)?;
     let (addr, metrics_addr) = addrs(&listeners)?;
     let shutdown = CancellationToken::new();
     let served = hitcounter_aggregator::serve(config, listeners, shutdown.clone());

@@ -711,3 +711,49 @@ async fn unusable_tls_files_fail_at_start_up_naming_the_file() -> anyhow::Result
     assert!(message.contains("--aggregator-ca-cert"), "{message}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_connection_over_max_connections_is_closed_logged_and_counted() -> anyhow::Result<()> {
+    init_logging();
+    let mut aggregator = start_aggregator(&["--max-connections", "1"]).await?;
+    aggregator.ready("aggregator").await?;
+    // `ready` connected and went away: wait until its place is given back.
+    let first = eventually(Duration::from_secs(30), "a first connection", || async {
+        let channel = hitcounter_integration_tests::connect(aggregator.addr)
+            .await
+            .ok()?;
+        health(channel.clone()).await.ok().map(|_| channel)
+    })
+    .await?;
+    // The second one is closed at once: no answer on it.
+    let second = match hitcounter_integration_tests::connect(aggregator.addr).await {
+        Ok(channel) => health(channel).await.err(),
+        Err(error) => Some(tonic::Status::unavailable(error.to_string())),
+    };
+    assert!(second.is_some(), "a connection over the limit was served");
+    // The first is still served.
+    assert_eq!(health(first.clone()).await?, ServingStatus::Serving as i32);
+    let metrics = scrape(aggregator.metrics_addr).await?;
+    let refused = metric_value(
+        &metrics,
+        "hitcounter_grpc_connections_refused_total",
+        &["service=\"hitcounter.aggregator.v1.Aggregator\""],
+    );
+    assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
+    let open = metric_value(&metrics, "hitcounter_grpc_connections_open", &[]);
+    assert_eq!(open, Some(1.0), "{metrics}");
+    // Closing the first gives its place to the next.
+    drop(first);
+    eventually(
+        Duration::from_secs(30),
+        "a connection after the first closed",
+        || async {
+            let channel = hitcounter_integration_tests::connect(aggregator.addr)
+                .await
+                .ok()?;
+            health(channel).await.ok()
+        },
+    )
+    .await?;
+    aggregator.stop().await.map_err(anyhow::Error::msg)
+}

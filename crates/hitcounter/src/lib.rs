@@ -99,7 +99,7 @@ pub async fn serve(role: Role, shutdown: CancellationToken) -> Result<(), Error>
                 .metrics_addr(hitcounter_ingest::Config::DEFAULT_METRICS);
             let listeners = Listeners::bind(config.listen, metrics)
                 .await?
-                .with_tls(&config.service)?;
+                .configured(&config.service)?;
             announce_one("ingest", &listeners);
             hitcounter_ingest::serve(config, listeners, shutdown)
                 .await
@@ -111,7 +111,7 @@ pub async fn serve(role: Role, shutdown: CancellationToken) -> Result<(), Error>
                 .metrics_addr(hitcounter_aggregator::Config::DEFAULT_METRICS);
             let listeners = Listeners::bind(config.listen, metrics)
                 .await?
-                .with_tls(&config.service)?;
+                .configured(&config.service)?;
             announce_one("aggregator", &listeners);
             hitcounter_aggregator::serve(config, listeners, shutdown)
                 .await
@@ -123,7 +123,7 @@ pub async fn serve(role: Role, shutdown: CancellationToken) -> Result<(), Error>
                 .metrics_addr(hitcounter_query::Config::DEFAULT_METRICS);
             let listeners = Listeners::bind(config.listen, metrics)
                 .await?
-                .with_tls(&config.service)?;
+                .configured(&config.service)?;
             announce_one("query", &listeners);
             hitcounter_query::serve(config, listeners, shutdown)
                 .await
@@ -206,6 +206,7 @@ pub async fn serve_all(
         // In-process, ingest and query reach the aggregator over loopback in plain text (see
         // the module docs): its port is internal; TLS is for the public ports.
         tls: None,
+        limits: config.aggregator.service.server_limits(),
     };
     let mut aggregator = RoleTask::spawn("aggregator", |stop| async move {
         hitcounter_aggregator::serve(config.aggregator, aggregator_listeners, stop)
@@ -231,6 +232,7 @@ pub async fn serve_all(
         grpc: listeners.ingest,
         metrics: None,
         tls: ingest_tls,
+        limits: config.ingest.service.server_limits(),
     };
     let mut ingest = RoleTask::spawn("ingest", |stop| async move {
         hitcounter_ingest::serve(config.ingest, ingest_listeners, stop)
@@ -241,6 +243,7 @@ pub async fn serve_all(
         grpc: listeners.query,
         metrics: None,
         tls: query_tls,
+        limits: config.query.service.server_limits(),
     };
     let mut query = RoleTask::spawn("query", |stop| async move {
         hitcounter_query::serve(config.query, query_listeners, stop)

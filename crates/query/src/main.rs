@@ -18,7 +18,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.service.metrics_addr(Config::DEFAULT_METRICS),
     )
     .await?
-    .with_tls(&config.service)?;
+    .configured(&config.service)?;
     hitcounter_query::serve(config, listeners, shutdown::on_signal()).await?;
     Ok(())
 }

@@ -64,6 +64,60 @@ pub struct ServiceArgs {
     /// aggregator port. Needs `--tls-cert`.
     #[arg(long, env = "HITCOUNTER_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// Connections open at once on the gRPC port; one more is closed as soon as it is accepted,
+    /// logged and counted (`hitcounter_grpc_connections_refused_total`).
+    #[arg(long, env = "HITCOUNTER_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// HTTP/2 streams (calls in flight) per connection; the client is told the limit in the
+    /// connection's settings and a stream beyond it is refused (REFUSED_STREAM).
+    #[arg(
+        long,
+        env = "HITCOUNTER_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// How often the server pings an HTTP/2 connection to find dead peers, in seconds; 0 never.
+    #[arg(
+        long,
+        env = "HITCOUNTER_HTTP2_KEEPALIVE_INTERVAL_SECONDS",
+        default_value_t = 60
+    )]
+    pub http2_keepalive_interval_seconds: u64,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed, in seconds.
+    #[arg(
+        long,
+        env = "HITCOUNTER_HTTP2_KEEPALIVE_TIMEOUT_SECONDS",
+        default_value_t = 20
+    )]
+    pub http2_keepalive_timeout_seconds: u64,
+}
+
+/// The HTTP/2 and connection limits of one gRPC server (see the `ServiceArgs` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Keepalive ping period; `None` never pings.
+    pub keepalive_interval: Option<Duration>,
+    /// Keepalive ping deadline.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_concurrent_streams: 1024,
+            keepalive_interval: Some(Duration::from_secs(60)),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// How many worker threads a service runs when `--worker-threads` is not given.
@@ -95,6 +149,17 @@ impl ServiceArgs {
             .worker_threads(self.worker_threads(default))
             .enable_all()
             .build()
+    }
+
+    /// The server limits these flags set.
+    pub fn server_limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_connections: self.max_connections.max(1),
+            max_concurrent_streams: self.max_concurrent_streams.max(1),
+            keepalive_interval: (self.http2_keepalive_interval_seconds > 0)
+                .then(|| Duration::from_secs(self.http2_keepalive_interval_seconds)),
+            keepalive_timeout: Duration::from_secs(self.http2_keepalive_timeout_seconds.max(1)),
+        }
     }
 
     /// The TLS configuration of `--tls-cert`/`--tls-key`/`--tls-client-ca`, loaded now, or
@@ -182,8 +247,10 @@ pub struct Listeners {
     pub grpc: tokio::net::TcpListener,
     /// The `/metrics` listener, if the endpoint is enabled.
     pub metrics: Option<tokio::net::TcpListener>,
-    /// When set, the gRPC listener serves TLS with it (see [`Listeners::with_tls`]).
+    /// When set, the gRPC listener serves TLS with it (see [`Listeners::configured`]).
     pub tls: Option<ServerTls>,
+    /// The gRPC server's connection and HTTP/2 limits.
+    pub limits: ServerLimits,
 }
 
 impl Listeners {
@@ -207,15 +274,18 @@ impl Listeners {
             grpc,
             metrics,
             tls: None,
+            limits: ServerLimits::default(),
         })
     }
 
-    /// These listeners serving TLS as `service`'s flags say (plain text without `--tls-cert`).
+    /// These listeners serving TLS (plain text without `--tls-cert`) with the limits that
+    /// `service`'s flags say.
     ///
     /// # Errors
     /// [`TlsError`] when the TLS files are missing or unusable.
-    pub fn with_tls(mut self, service: &ServiceArgs) -> Result<Self, TlsError> {
+    pub fn configured(mut self, service: &ServiceArgs) -> Result<Self, TlsError> {
         self.tls = service.server_tls()?;
+        self.limits = service.server_limits();
         Ok(self)
     }
 }

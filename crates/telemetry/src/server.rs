@@ -172,7 +172,23 @@ where
                 ))
             },
         ));
+    let limits = listeners.limits;
+    // The limits are flags; their values are published so that a dashboard can show the
+    // headroom next to `hitcounter_grpc_connections_open`.
+    metrics::gauge!("hitcounter_grpc_max_concurrent_streams", "service" => S::NAME)
+        .set(f64::from(limits.max_concurrent_streams));
+    metrics::gauge!("hitcounter_grpc_keepalive_interval_seconds", "service" => S::NAME)
+        .set(limits.keepalive_interval.map_or(0.0, |i| i.as_secs_f64()));
+    metrics::gauge!("hitcounter_grpc_keepalive_timeout_seconds", "service" => S::NAME)
+        .set(limits.keepalive_timeout.as_secs_f64());
+    let connections = hitcounter_transport::ConnectionLimit::new(limits.max_connections, S::NAME);
     let router = tonic::transport::Server::builder()
+        // A client cannot open more calls on one connection than this (REFUSED_STREAM beyond).
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        // Pings find peers that vanished without a FIN (a dead host, a dropped NAT entry), so
+        // their connections and streams do not hold a place under --max-connections forever.
+        .http2_keepalive_interval(limits.keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(layer)
         .add_routes(routes.into());
     let stopped = shutdown.clone().cancelled_owned();
@@ -191,16 +207,14 @@ where
             );
             tokio::spawn(reload_on_hangup(tls.clone(), hangups, shutdown.clone()));
             Box::pin(router.serve_with_incoming_shutdown(
-                hitcounter_transport::tls::incoming_tls(listeners.grpc, tls),
+                hitcounter_transport::tls::incoming_tls(listeners.grpc, tls, Some(connections)),
                 stopped,
             ))
         }
-        None => {
-            Box::pin(router.serve_with_incoming_shutdown(
-                hitcounter_transport::incoming(listeners.grpc),
-                stopped,
-            ))
-        }
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            hitcounter_transport::incoming_limited(listeners.grpc, Some(connections)),
+            stopped,
+        )),
     };
     health.set_serving::<S>().await;
     let not_serving = async {

@@ -33,7 +33,6 @@ use rustls::{
 };
 use tokio::{io::AsyncWriteExt, net::TcpStream};
 use tokio_rustls::{server::TlsStream, TlsAcceptor};
-use tonic::transport::server::TcpIncoming;
 
 use crate::CoalescingStream;
 
@@ -254,21 +253,21 @@ fn server_config(files: &ServerTlsFiles) -> Result<ServerConfig, TlsError> {
     Ok(config)
 }
 
-/// The connections accepted on `listener` (with `TCP_NODELAY`, keepalive and coalescing, as
-/// [`crate::incoming`]) after a successful TLS handshake with `tls`'s current configuration.
-/// Failed handshakes are logged and dropped; accept errors are passed on.
+/// The connections accepted on `listener` (with `TCP_NODELAY`, keepalive, coalescing and the
+/// connection `limit`, as [`crate::incoming_limited`]) after a successful TLS handshake with
+/// `tls`'s current configuration. Failed handshakes are logged and dropped; accept errors are
+/// passed on.
 pub fn incoming_tls(
     listener: tokio::net::TcpListener,
     tls: ServerTls,
+    limit: Option<crate::ConnectionLimit>,
 ) -> impl Stream<Item = io::Result<TlsStream<CoalescingStream<TcpStream>>>> + Send + 'static {
-    TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)))
+    crate::accepted(listener, limit)
         .map(move |accepted| {
             let acceptor = tls.acceptor();
             async move {
                 match accepted {
-                    Ok(stream) => handshake(acceptor, stream).await,
+                    Ok((stream, permit)) => handshake(acceptor, stream, permit).await,
                     Err(error) => Err(error),
                 }
             }
@@ -281,6 +280,7 @@ pub fn incoming_tls(
 async fn handshake(
     acceptor: TlsAcceptor,
     mut stream: TcpStream,
+    permit: Option<crate::ConnectionPermit>,
 ) -> io::Result<Option<TlsStream<CoalescingStream<TcpStream>>>> {
     let peer = stream.peer_addr().ok();
     let done = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -294,10 +294,11 @@ async fn handshake(
             let _ = stream.shutdown().await;
             return Ok(None);
         }
-        acceptor
-            .accept(CoalescingStream::new(stream))
-            .await
-            .map(Some)
+        let stream = match permit {
+            Some(permit) => CoalescingStream::with_permit(stream, permit),
+            None => CoalescingStream::new(stream),
+        };
+        acceptor.accept(stream).await.map(Some)
     })
     .await;
     let reason = match done {
