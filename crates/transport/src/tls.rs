@@ -413,3 +413,74 @@ pub async fn speaks_tls(host: &str, port: u16) -> bool {
         .flatten()
         .unwrap_or(false)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::{ServerTls, ServerTlsFiles, TlsError};
+
+    /// A self-signed certificate and its key, written to `dir` as `{name}.pem`/`{name}.key`.
+    fn write_cert(dir: &Path, name: &str) -> ServerTlsFiles {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).expect("rcgen");
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, certified.cert.pem()).expect("write cert");
+        std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+        ServerTlsFiles {
+            cert,
+            key,
+            client_ca: None,
+        }
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_is_refused_naming_the_key_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let one = write_cert(dir.path(), "one");
+        let two = write_cert(dir.path(), "two");
+        let mixed = ServerTlsFiles {
+            key: two.key.clone(),
+            ..one
+        };
+        let error = ServerTls::load(mixed).expect_err("a key of another certificate");
+        assert!(matches!(error, TlsError::Rustls { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(message.contains("does not fit"), "{message}");
+        assert!(
+            message.contains(&two.key.display().to_string()),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn a_failed_reload_keeps_the_configuration_in_force() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = write_cert(dir.path(), "server");
+        let tls = ServerTls::load(files.clone()).expect("load");
+        let before = tls.acceptor().config().clone();
+        std::fs::write(&files.cert, "not a certificate").expect("overwrite");
+        let error = tls.reload().expect_err("reload of a broken file");
+        assert!(error.to_string().contains("holds no PEM"), "{error}");
+        assert!(std::sync::Arc::ptr_eq(&before, tls.acceptor().config()));
+        // A good file again: the next reload takes it.
+        write_cert(dir.path(), "server");
+        tls.reload().expect("reload");
+        assert!(!std::sync::Arc::ptr_eq(&before, tls.acceptor().config()));
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let error = ServerTls::load(ServerTlsFiles {
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+            client_ca: None,
+        })
+        .expect_err("missing");
+        assert_eq!(
+            error.to_string(),
+            "cannot read the certificate file /nonexistent/cert.pem"
+        );
+    }
+}
