@@ -186,9 +186,16 @@ impl ConnectError {
         address: &Address,
         service: &str,
     ) -> Option<Self> {
+        // A TLS server answers a plain-text HTTP/2 preface with an alert and closes the
+        // connection; depending on when the client sees the close, the call fails as
+        // UNAVAILABLE, UNKNOWN, INTERNAL or CANCELLED (seen once in a full test run: "operation
+        // was canceled"). The probe below decides; these codes only say when to ask.
         let transport = matches!(
             status.code(),
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal
+            tonic::Code::Unavailable
+                | tonic::Code::Unknown
+                | tonic::Code::Internal
+                | tonic::Code::Cancelled
         );
         (transport && address.speaks_tls().await).then(|| Self::ServerSpeaksTls {
             service: service.to_owned(),
