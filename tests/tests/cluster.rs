@@ -11,7 +11,11 @@
 //!   directory) and an aggregator (restarted on an empty one) are `kill -9`ed, and a NATS node
 //!   is cut off the network (iptables) for three seconds and healed. A reader asks
 //!   for every key all along and must never fail. At the end every key's count equals the
-//!   tally. Seeded (`HITCOUNTER_CLUSTER_SEED`); the seed is printed.
+//!   tally. Seeded (`HITCOUNTER_CLUSTER_SEED`); the seed is printed. A longer run by hand
+//!   (`HITCOUNTER_CLUSTER_ROUNDS=10`, past nextest's 2-minute limit, so run the test binary
+//!   directly: `target/debug/deps/cluster-* chaos --nocapture`).
+//! - `a_full_log_refuses_writes_with_resource_exhausted`: a stream at `--nats-max-bytes`
+//!   refuses new hits (`RESOURCE_EXHAUSTED`, saying why) instead of dropping old ones.
 //!
 //! Each service listens on a port of its own choosing; its peers reach it through a relay of the
 //! test's (`LinkProxy`), pointed at the new port after a restart.
@@ -429,18 +433,27 @@ async fn chaos_keeps_every_acknowledged_hit_exactly_once() -> anyhow::Result<()>
         Arc::clone(&reader_stop),
     ));
 
-    // One fault at a time, in a seeded order.
-    let mut faults = vec![
-        "nats",
-        "nats-cut",
-        "ingest",
-        "aggregator",
-        "aggregator-empty",
-    ];
-    for i in (1..faults.len()).rev() {
-        faults.swap(i, rng.random_range(0..=i));
+    // One fault at a time, in a seeded order; `HITCOUNTER_CLUSTER_ROUNDS` rounds of all of
+    // them (1 in CI; more by hand for a longer run).
+    let rounds: usize = std::env::var("HITCOUNTER_CLUSTER_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let mut schedule = Vec::new();
+    for _ in 0..rounds {
+        let mut faults = vec![
+            "nats",
+            "nats-cut",
+            "ingest",
+            "aggregator",
+            "aggregator-empty",
+        ];
+        for i in (1..faults.len()).rev() {
+            faults.swap(i, rng.random_range(0..=i));
+        }
+        schedule.extend(faults);
     }
-    for fault in faults {
+    for fault in schedule {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..1500))).await;
         let before = acked.load(Ordering::Relaxed);
         match fault {
@@ -493,5 +506,54 @@ async fn chaos_keeps_every_acknowledged_hit_exactly_once() -> anyhow::Result<()>
         &failures[..failures.len().min(5)],
         deployment.logs()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_log_refuses_writes_with_resource_exhausted() -> anyhow::Result<()> {
+    let nats = NatsCluster::start(3).await?;
+    let data = tempfile::tempdir()?;
+    let mut ingest = Service::new(
+        "hitcounter-ingest",
+        data.path(),
+        &strings(&[
+            "--nats",
+            &nats.urls(),
+            "--nats-max-bytes",
+            "65536",
+            "--partitions",
+            "4",
+        ]),
+    );
+    let addr = ingest.start().await?;
+    serving(addr, Duration::from_secs(60)).await?;
+    let mut client = IngestClient::new(connect(addr).await?);
+    let keys: Vec<String> = (0..64).map(|i| format!("/full/{i}")).collect();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut acknowledged = 0;
+    let refusal = loop {
+        anyhow::ensure!(
+            acknowledged < 10_000,
+            "a 64 KiB stream took 10000 batches without refusing one"
+        );
+        match client
+            .record_hits(batch(&keys, &mut rng, String::new()))
+            .await
+        {
+            Ok(_) => acknowledged += 1,
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::ResourceExhausted,
+        "{refusal:?} after {acknowledged} batches"
+    );
+    assert!(
+        refusal.message().contains("cluster's log is full"),
+        "{}",
+        refusal.message()
+    );
+    println!("a 64 KiB stream refused a batch after {acknowledged} were acknowledged");
     Ok(())
 }
