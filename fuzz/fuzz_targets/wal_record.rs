@@ -26,7 +26,8 @@ enum Edit {
 
 #[derive(Debug, arbitrary::Arbitrary)]
 struct Damaged {
-    first_seq: u8,
+    /// Any seq, up to the very top of the range.
+    first_seq: u64,
     payloads: Vec<Vec<u8>>,
     /// Records (counted from the first) that go to the first segment; the rest to a second.
     split: Option<u8>,
@@ -73,7 +74,13 @@ fuzz_target!(|input: Damaged| {
         );
     }
 
-    let first_seq = u64::from(input.first_seq.max(1));
+    let first_seq = input.first_seq.max(1);
+    // Records whose seq and successor exist and room for one more appended (a record at u64::MAX has no next seq: the log
+    // refuses it as corrupt, which is right, and not what this target checks).
+    let mut payloads = input.payloads;
+    payloads
+        .truncate(usize::try_from((u64::MAX - 1).saturating_sub(first_seq)).unwrap_or(usize::MAX));
+    let input = Damaged { payloads, ..input };
     let split = input.split.map_or(input.payloads.len(), |s| {
         usize::from(s).min(input.payloads.len())
     });
