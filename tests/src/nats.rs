@@ -112,6 +112,8 @@ pub struct NatsCluster {
     /// The nodes, in order.
     pub nodes: Vec<NatsNode>,
     binary: PathBuf,
+    /// Addresses cut off by [`cut`](Self::cut) and not healed yet.
+    cut: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -171,6 +173,7 @@ impl NatsCluster {
         let mut cluster = Self {
             nodes,
             binary: binary.to_owned(),
+            cut: Vec::new(),
             _dir: dir,
         };
         for node in &mut cluster.nodes {
@@ -285,6 +288,35 @@ impl NatsCluster {
         self.nodes[i].kill();
     }
 
+    /// Cuts node `i` off the network: every packet to or from its address is dropped (iptables
+    /// rules on the loopback interface, where the cluster lives), so its routes to the other
+    /// nodes and its clients' connections go silent, as with a pulled cable. [`heal`](Self::heal)
+    /// removes the rules; dropping the cluster heals it too.
+    ///
+    /// # Errors
+    /// When `iptables` is missing or refuses (the tests run as root).
+    pub fn cut(&mut self, i: usize) -> anyhow::Result<()> {
+        let ip = self.nodes[i].client_addr.ip().to_string();
+        for rule in [["-s", &ip], ["-d", &ip]] {
+            iptables(&["-I", "INPUT", rule[0], rule[1], "-j", "DROP"])?;
+        }
+        self.cut.push(ip);
+        Ok(())
+    }
+
+    /// Undoes [`cut`](Self::cut) of node `i`.
+    ///
+    /// # Errors
+    /// When `iptables` refuses.
+    pub fn heal(&mut self, i: usize) -> anyhow::Result<()> {
+        let ip = self.nodes[i].client_addr.ip().to_string();
+        self.cut.retain(|cut| *cut != ip);
+        for rule in [["-s", &ip], ["-d", &ip]] {
+            iptables(&["-D", "INPUT", rule[0], rule[1], "-j", "DROP"])?;
+        }
+        Ok(())
+    }
+
     /// Starts node `i` again on its data directory.
     ///
     /// # Errors
@@ -295,8 +327,38 @@ impl NatsCluster {
     }
 }
 
+/// Runs `iptables -w ARGS` (from PATH, or /usr/sbin where root's tools live).
+fn iptables(args: &[&str]) -> anyhow::Result<()> {
+    let binary = ["iptables", "/usr/sbin/iptables", "/sbin/iptables"]
+        .into_iter()
+        .find(|candidate| {
+            Command::new(candidate)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok()
+        })
+        .ok_or_else(|| {
+            anyhow::anyhow!("iptables not found (apt-get install iptables); network cuts need it")
+        })?;
+    let output = Command::new(binary).arg("-w").args(args).output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "iptables {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
 impl Drop for NatsCluster {
     fn drop(&mut self) {
+        for ip in std::mem::take(&mut self.cut) {
+            for rule in [["-s", &ip], ["-d", &ip]] {
+                let _ = iptables(&["-D", "INPUT", rule[0], rule[1], "-j", "DROP"]);
+            }
+        }
         for node in &mut self.nodes {
             node.kill();
         }

@@ -7,12 +7,24 @@
 //! may trim (`durable_through`, from the newest checkpoint). Applies hold the apply gate shared;
 //! a checkpoint holds it exclusively for the instant it copies the stores and the progress, so a
 //! checkpoint never contains half a batch.
+//!
+//! A batch whose new keys do not fit under `--max-keys` is refused whole
+//! ([`AggregatorError::KeyLimit`], see "The key limit" in the `owners` module): nothing of it is
+//! applied and it is not recorded as applied, so the same batch sent again later (once keys age
+//! out of the retention, or after a restart with a higher limit) is applied then, once. Every
+//! caller must treat that outcome as "not now": keep the batch and retry it, never skip it. The
+//! `Apply` stream answers it with an ack carrying `key_limit_refusal` (the stream stays open),
+//! ingest's forwarder retries with backoff, and its log keeps the backlog meanwhile.
 
 use std::collections::HashMap;
 
 use hitcounter_proto::aggregator::v1::{ApplyRequest, ApplyResponse};
 
-use crate::{dedup::AppliedBatches, error::AggregatorError, owners::Owners};
+use crate::{
+    dedup::AppliedBatches,
+    error::{AggregatorError, KeyLimitRefusal},
+    owners::Owners,
+};
 
 /// What applying a batch needs, shared by every apply stream and the snapshot stage.
 pub(crate) struct Applier {
@@ -25,6 +37,9 @@ pub(crate) struct Applier {
     pub(crate) durable: std::sync::Mutex<HashMap<u64, u64>>,
     /// Random per process: tells producers that we restarted.
     pub(crate) incarnation: u64,
+    /// Clustered mode: per hosted partition, the stream position applied through (see
+    /// `consume`). Empty on one machine.
+    pub(crate) positions: std::sync::Mutex<std::collections::BTreeMap<u32, u64>>,
 }
 
 impl Applier {
@@ -34,6 +49,11 @@ impl Applier {
     }
 
     /// Applies one batch unless it is a resend; returns its ack.
+    ///
+    /// # Errors
+    /// [`AggregatorError::KeyLimit`]: the batch was refused whole at the key limit (not applied,
+    /// not recorded): retry the same batch later. [`AggregatorError::OwnerStopped`]: shutting
+    /// down (not recorded as applied either).
     pub(crate) async fn apply(
         &self,
         batch: ApplyRequest,
@@ -47,6 +67,7 @@ impl Applier {
             dropped,
             durable_through: self.durable_through(producer),
             incarnation: self.incarnation,
+            key_limit_refusal: String::new(),
         };
         if let Some((missing, gone)) = self.applied.skip_gone(producer, batch.first_kept_seq, tick)
         {
@@ -77,11 +98,33 @@ impl Applier {
             Err(error) => {
                 // Not applied: a resend must not be taken for a duplicate.
                 self.applied.forget(producer, seq);
+                if matches!(error, AggregatorError::KeyLimit(_)) {
+                    metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "refused_key_limit")
+                        .increment(1);
+                }
                 return Err(error);
             }
         };
         metrics::counter!("hitcounter_aggregator_batches_total", "outcome" => "applied")
             .increment(1);
         Ok(ack(false, dropped))
+    }
+
+    /// The ack of a batch refused at the key limit: neither applied nor a duplicate, with the
+    /// reason for operators; the producer keeps the batch and sends it again.
+    pub(crate) fn refusal_ack(
+        &self,
+        producer: u64,
+        seq: u64,
+        refusal: &KeyLimitRefusal,
+    ) -> ApplyResponse {
+        ApplyResponse {
+            seq,
+            duplicate: false,
+            dropped: 0,
+            durable_through: self.durable_through(producer),
+            incarnation: self.incarnation,
+            key_limit_refusal: refusal.to_string(),
+        }
     }
 }

@@ -18,6 +18,14 @@
 //! into place and the directory fsynced, so a crash leaves either the old or the new checkpoint,
 //! never a torn one; older checkpoints are then deleted and the directory fsynced again.
 //!
+//! A write that fails (a full disk, most often) removes its `.tmp` file at once, so the failure
+//! does not pin a checkpoint's size of the disk until the next success, and leaves the previous
+//! checkpoint untouched; the `snapshot` stage logs it, counts it
+//! (`hitcounter_aggregator_checkpoint_failures_total`), keeps serving, reports nothing new as
+//! durable (so ingest trims nothing the failed checkpoint would have covered) and tries again
+//! at the next tick. A checkpoint needs room for a second copy of the state next to the
+//! previous one, which is deleted only once the new one is durable.
+//!
 //! The generation is one more than the newest file's in the directory, never a clock reading: a
 //! wall clock that steps back would otherwise name a newer checkpoint below an older one, and
 //! an OS crash that undid the (not yet durable) deletion of the older file would bring it back as
@@ -37,7 +45,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use hitcounter_proto::aggregator::v1::{Checkpoint, KeyCounters, ProducerProgress};
+use hitcounter_proto::aggregator::v1::{
+    Checkpoint, KeyCounters, PartitionPosition, ProducerProgress,
+};
 use hitcounter_wal::storage::{OpenMode, OsStorage, Storage};
 use hitcounter_window::{StoreImage, StoreLimits, WindowStore};
 use prost::Message;
@@ -85,6 +95,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 pub(crate) struct State {
     pub(crate) taken_at_ms: i64,
     pub(crate) producers: Vec<(u64, Progress)>,
+    /// Clustered mode: (partition, stream position applied through).
+    pub(crate) positions: Vec<(u32, u64)>,
     pub(crate) stores: Vec<StoreImage>,
 }
 
@@ -92,6 +104,7 @@ pub(crate) struct State {
 pub(crate) struct Loaded {
     pub(crate) path: PathBuf,
     pub(crate) producers: Vec<(u64, Progress)>,
+    pub(crate) positions: Vec<(u32, u64)>,
     pub(crate) keys: usize,
     pub(crate) counters: usize,
 }
@@ -167,6 +180,15 @@ fn encode<W: Write>(state: &State, out: &mut PayloadWriter<W>) -> std::io::Resul
             out.flush_chunk(false)?;
         }
     }
+    // Field 5 after field 4: the stream is then byte for byte what prost would encode.
+    for &(partition, applied_through) in &state.positions {
+        let position = PartitionPosition {
+            partition,
+            applied_through,
+        };
+        message::encode(5, &position, &mut out.chunk);
+        out.flush_chunk(false)?;
+    }
     Ok(())
 }
 
@@ -192,29 +214,21 @@ fn write_in(storage: &dyn Storage, dir: &Path, state: &State) -> Result<u64, Che
     let name = format!("checkpoint-{generation:020}.ckpt");
     let path = dir.join(&name);
     let tmp = dir.join(format!("{name}.tmp"));
-    let payload_len = {
-        let mut file = storage
-            .open(&tmp, OpenMode::CreateTruncate)
-            .map_err(io(&tmp))?;
-        // The header's length and checksum are known only at the end: leave room, write the
-        // payload, then go back and fill the header in.
-        file.write_all(&[0u8; HEADER]).map_err(io(&tmp))?;
-        let mut payload = PayloadWriter::new(std::io::BufWriter::new(file));
-        encode(state, &mut payload).map_err(io(&tmp))?;
-        let (buffered, len, crc) = payload.finish().map_err(io(&tmp))?;
-        let mut file = buffered
-            .into_inner()
-            .map_err(|e| io(&tmp)(e.into_error()))?;
-        let mut header = Vec::with_capacity(HEADER);
-        header.extend_from_slice(MAGIC);
-        header.extend_from_slice(&FORMAT.to_le_bytes());
-        header.extend_from_slice(&len.to_le_bytes());
-        header.extend_from_slice(&crc.to_le_bytes());
-        file.seek(SeekFrom::Start(0)).map_err(io(&tmp))?;
-        file.write_all(&header).map_err(io(&tmp))?;
-        file.sync_all().map_err(io(&tmp))?;
-        len
-    };
+    let written = write_tmp(storage, &tmp, state);
+    if written.is_err() {
+        // A failed write (a full disk, most likely) must not leave its partial file behind
+        // until the next success: it would pin up to a checkpoint's size of the disk that is
+        // already short. The previous checkpoint is untouched (it is replaced only by the
+        // rename below).
+        match storage.remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(file = %tmp.display(), error = %e, "cannot remove a failed checkpoint's temporary file; the next checkpoint removes it");
+            }
+        }
+    }
+    let payload_len = written?;
     storage.rename(&tmp, &path).map_err(io(&path))?;
     sync_dir(dir)?;
     let mut deleted = false;
@@ -235,6 +249,29 @@ fn write_in(storage: &dyn Storage, dir: &Path, state: &State) -> Result<u64, Che
         _ => sync_dir(Path::new("."))?,
     }
     Ok(HEADER as u64 + payload_len)
+}
+
+/// Writes `state` to `tmp` and fsyncs it; returns the payload's length.
+fn write_tmp(storage: &dyn Storage, tmp: &Path, state: &State) -> Result<u64, CheckpointError> {
+    let mut file = storage
+        .open(tmp, OpenMode::CreateTruncate)
+        .map_err(io(tmp))?;
+    // The header's length and checksum are known only at the end: leave room, write the
+    // payload, then go back and fill the header in.
+    file.write_all(&[0u8; HEADER]).map_err(io(tmp))?;
+    let mut payload = PayloadWriter::new(std::io::BufWriter::new(file));
+    encode(state, &mut payload).map_err(io(tmp))?;
+    let (buffered, len, crc) = payload.finish().map_err(io(tmp))?;
+    let mut file = buffered.into_inner().map_err(|e| io(tmp)(e.into_error()))?;
+    let mut header = Vec::with_capacity(HEADER);
+    header.extend_from_slice(MAGIC);
+    header.extend_from_slice(&FORMAT.to_le_bytes());
+    header.extend_from_slice(&len.to_le_bytes());
+    header.extend_from_slice(&crc.to_le_bytes());
+    file.seek(SeekFrom::Start(0)).map_err(io(tmp))?;
+    file.write_all(&header).map_err(io(tmp))?;
+    file.sync_all().map_err(io(tmp))?;
+    Ok(len)
 }
 
 /// Checkpoint files in `dir`, oldest first; leftover `.tmp` files of an interrupted write are
@@ -377,10 +414,16 @@ fn decode_file(
             )
         })
         .collect();
+    let positions = checkpoint
+        .positions
+        .into_iter()
+        .map(|p| (p.partition, p.applied_through))
+        .collect();
     Ok((
         Loaded {
             path,
             producers,
+            positions,
             keys,
             counters,
         },
@@ -411,6 +454,7 @@ mod tests {
                     above: [43].into(),
                 },
             )],
+            positions: vec![(5, 1234)],
             stores: vec![a.image(), b.image()],
         }
     }
@@ -449,6 +493,10 @@ mod tests {
                 applied_above: vec![43],
             }],
             keys,
+            positions: vec![PartitionPosition {
+                partition: 5,
+                applied_through: 1234,
+            }],
         }
         .encode_to_vec();
         assert_eq!(bytes, whole);
@@ -466,6 +514,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((loaded.keys, loaded.counters), (2, 3));
+        assert_eq!(loaded.positions, vec![(5, 1234)]);
         assert_eq!(
             loaded.producers,
             vec![(

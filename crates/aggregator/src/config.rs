@@ -34,8 +34,11 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_OWNER_MAILBOX", default_value_t = 1024)]
     pub owner_mailbox: usize,
 
-    /// Most distinct keys held by this aggregator; deltas for new keys beyond it are dropped,
-    /// counted in `hitcounter_aggregator_deltas_dropped_total` and logged.
+    /// Most distinct keys held by this aggregator (split evenly over the owners). A batch whose
+    /// new keys do not fit is refused whole, never dropped: ingest keeps it in its log and
+    /// retries, and once its log is full refuses writes with RESOURCE_EXHAUSTED ("aggregator key
+    /// limit reached on shard N"), until keys age out of the retention or the limit is raised
+    /// (`hitcounter_aggregator_key_limit_reached`).
     #[arg(long, env = "HITCOUNTER_MAX_KEYS", default_value_t = 10_000_000)]
     pub max_keys: usize,
 
@@ -69,6 +72,24 @@ pub struct Config {
     /// applying the previous ones). Acks still go out in order.
     #[arg(long, env = "HITCOUNTER_APPLY_WINDOW", default_value_t = 4)]
     pub apply_window: usize,
+
+    /// Clustered mode: this aggregator's number among `--nodes` (0-based; e.g. the ordinal of
+    /// a StatefulSet pod). It hosts the partitions the placement gives that number.
+    #[arg(long, env = "HITCOUNTER_NODE_INDEX", default_value_t = 0)]
+    pub node_index: usize,
+
+    /// Clustered mode: how many aggregators the cluster has (query lists them, in node order,
+    /// in its --aggregator).
+    #[arg(long, env = "HITCOUNTER_NODES", default_value_t = 1)]
+    pub nodes: usize,
+
+    /// Clustered mode: aggregators per partition.
+    #[command(flatten)]
+    pub placement: hitcounter_cluster::PlacementArgs,
+
+    /// Clustered mode: the replicated log on NATS JetStream.
+    #[command(flatten)]
+    pub cluster: hitcounter_cluster::ClusterArgs,
 
     /// Shared service settings.
     #[command(flatten)]

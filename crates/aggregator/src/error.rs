@@ -8,6 +8,11 @@ pub enum AggregatorError {
     /// An owner task is gone (the service is shutting down or an owner failed).
     #[error("aggregator is shutting down")]
     OwnerStopped,
+    /// A batch was refused whole because its new keys do not fit under `--max-keys`: nothing
+    /// of it was applied and it is not recorded as applied. Not a failure of the batch: send
+    /// the same batch again later (keys age out of the retention, or the limit is raised).
+    #[error(transparent)]
+    KeyLimit(#[from] KeyLimitRefusal),
     /// A request is malformed.
     #[error("{0}")]
     InvalidArgument(String),
@@ -17,12 +22,46 @@ pub enum AggregatorError {
     /// The server could not be set up.
     #[error("cannot start the aggregator: {0}")]
     Startup(String),
+    /// Clustered mode: the cluster's log could not be read.
+    #[error("cannot read the cluster's log: {0}")]
+    Log(#[from] hitcounter_cluster::ClusterError),
+    /// Clustered mode: this replica is still reading the log up to its end, so its counts
+    /// may be behind; query asks another replica.
+    #[error("this aggregator is catching up with the cluster's log (applied through position {applied}); ask another replica")]
+    CatchingUp {
+        /// The highest stream position applied so far.
+        applied: u64,
+    },
+}
+
+/// Why a batch was refused at the key limit: the owner (a share of the key space) that has no
+/// room for the batch's new keys, and its figures.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "key limit of {limit} keys reached in owner {owner} (--max-keys split over the owners): it \
+     holds {held} keys and {reserved} more are promised to batches being applied, and this batch \
+     brings {new} new ones; the batch was not applied"
+)]
+pub struct KeyLimitRefusal {
+    /// The owner without room.
+    pub owner: usize,
+    /// Its share of `--max-keys`.
+    pub limit: usize,
+    /// Keys it holds.
+    pub held: usize,
+    /// Room reserved by batches being applied.
+    pub reserved: usize,
+    /// Distinct new keys of this batch in that owner.
+    pub new: usize,
 }
 
 impl From<AggregatorError> for Status {
     fn from(error: AggregatorError) -> Self {
         match error {
-            AggregatorError::OwnerStopped => Status::unavailable(error.to_string()),
+            AggregatorError::OwnerStopped
+            | AggregatorError::CatchingUp { .. }
+            | AggregatorError::Log(_) => Status::unavailable(error.to_string()),
+            AggregatorError::KeyLimit(_) => Status::resource_exhausted(error.to_string()),
             AggregatorError::InvalidArgument(message) => Status::invalid_argument(message),
             AggregatorError::Startup(_) | AggregatorError::Checkpoint(_) => {
                 Status::internal(error.to_string())

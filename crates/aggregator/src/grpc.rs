@@ -37,12 +37,24 @@ pub(crate) struct AggregatorService {
     pub(crate) ack_capacity: usize,
     /// Batches of one stream applied at once.
     pub(crate) apply_window: usize,
+    /// False while a clustered aggregator is catching up with the log: reads are refused.
+    pub(crate) ready: tokio::sync::watch::Receiver<bool>,
     pub(crate) shutdown: CancellationToken,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<ApplyResponse, Status>> + Send>>;
 
 impl AggregatorService {
+    /// Refuses reads while the counts are behind the log (clustered mode, catching up).
+    fn check_ready(&self) -> Result<(), AggregatorError> {
+        if *self.ready.borrow() {
+            return Ok(());
+        }
+        Err(AggregatorError::CatchingUp {
+            applied: self.applier.highest_position(),
+        })
+    }
+
     fn check_window(&self, window_seconds: u32) -> Result<(), AggregatorError> {
         if window_seconds == 0 || window_seconds > self.retention_seconds {
             return Err(AggregatorError::InvalidArgument(format!(
@@ -83,7 +95,15 @@ impl Aggregator for AggregatorService {
                                     let applier = Arc::clone(&applier);
                                     applying.push_back(async move {
                                         let started = std::time::Instant::now();
-                                        let ack = applier.apply(batch).await.map_err(Status::from);
+                                        let (producer, seq) = (batch.producer_id, batch.seq);
+                                        // A key-limit refusal is an answer, not a broken stream:
+                                        // the ack says so and the stream goes on.
+                                        let ack = match applier.apply(batch).await {
+                                            Err(AggregatorError::KeyLimit(refusal)) => {
+                                                Ok(applier.refusal_ack(producer, seq, &refusal))
+                                            }
+                                            applied => applied.map_err(Status::from),
+                                        };
                                         rpc::record("aggregator", "Apply", &ack, started);
                                         ack
                                     });
@@ -118,6 +138,7 @@ impl Aggregator for AggregatorService {
         request: Request<CountRequest>,
     ) -> Result<Response<CountResponse>, Status> {
         rpc::observe("aggregator", "Count", async {
+            self.check_ready()?;
             let request = request.into_inner();
             self.check_window(request.window_seconds)?;
             if request.keys.len() > MAX_COUNT_KEYS {
@@ -140,6 +161,7 @@ impl Aggregator for AggregatorService {
         request: Request<SeriesRequest>,
     ) -> Result<Response<SeriesResponse>, Status> {
         rpc::observe("aggregator", "Series", async {
+            self.check_ready()?;
             let request = request.into_inner();
             if request.points > MAX_SERIES_POINTS || request.step_seconds == 0 {
                 return Err(AggregatorError::InvalidArgument(format!(
@@ -160,6 +182,7 @@ impl Aggregator for AggregatorService {
 
     async fn top(&self, request: Request<TopRequest>) -> Result<Response<TopResponse>, Status> {
         rpc::observe("aggregator", "Top", async {
+            self.check_ready()?;
             let request = request.into_inner();
             self.check_window(request.window_seconds)?;
             let limit = request.limit.clamp(1, MAX_TOP_LIMIT) as usize;

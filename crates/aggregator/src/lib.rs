@@ -24,6 +24,7 @@ pub mod config;
 mod applier;
 pub mod checkpoint;
 mod clock;
+mod consume;
 mod dedup;
 mod error;
 mod grpc;
@@ -38,7 +39,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 pub use config::Config;
-pub use error::AggregatorError;
+pub use error::{AggregatorError, KeyLimitRefusal};
 
 use crate::{
     applier::Applier,
@@ -46,6 +47,44 @@ use crate::{
     grpc::AggregatorService,
     owners::{OwnerSettings, Owners},
 };
+
+/// Clustered mode: opens the cluster's log and works out the partitions this node hosts.
+async fn open_cluster(
+    config: &Config,
+) -> Result<(hitcounter_cluster::HitStream, Vec<u32>), AggregatorError> {
+    if config.node_index >= config.nodes {
+        return Err(AggregatorError::Startup(format!(
+            "--node-index {} is not below --nodes {}: nodes are numbered 0..{}",
+            config.node_index,
+            config.nodes,
+            config.nodes.saturating_sub(1)
+        )));
+    }
+    if config.checkpoint_interval_ms == 0 {
+        tracing::warn!("clustered mode without checkpoints: every start rebuilds the counts from the whole log");
+    }
+    let max_age = std::time::Duration::from_secs(u64::from(config.retention_seconds) + 1200);
+    let stream = hitcounter_cluster::HitStream::open(&config.cluster, max_age)
+        .await
+        .map_err(|e| AggregatorError::Startup(e.to_string()))?;
+    let placement = hitcounter_cluster::Placement::new(
+        stream.partitions(),
+        config.nodes,
+        config.placement.replicas,
+    );
+    let partitions = placement.partitions_of(config.node_index);
+    tracing::info!(
+        stream = stream.name(),
+        node = config.node_index,
+        nodes = config.nodes,
+        replicas = placement.replicas,
+        hosted = partitions.len(),
+        of = placement.partitions,
+        "clustered: hosting partitions"
+    );
+    metrics::gauge!("hitcounter_aggregator_hosted_partitions").set(partitions.len() as f64);
+    Ok((stream, partitions))
+}
 
 /// Runs the aggregator on `listeners` until `shutdown` is cancelled, then drains and returns.
 ///
@@ -74,8 +113,16 @@ pub async fn serve(
     } else {
         None
     };
+    // Clustered mode: the cluster's log and the partitions this node hosts, checked before
+    // anything else starts (a wrong --node-index or --partitions must not get far).
+    let cluster = if config.cluster.enabled() {
+        Some(open_cluster(&config).await?)
+    } else {
+        None
+    };
     let applied = AppliedBatches::new(config.dedup_window, config.max_producers);
     let mut durable = HashMap::new();
+    let mut positions = std::collections::BTreeMap::new();
     let mut stores = Vec::new();
     if checkpoints {
         // Recovery: the newest checkpoint, if any. Ingest resends what came after it.
@@ -105,6 +152,7 @@ pub async fn serve(
                 .map(|(p, progress)| (*p, progress.through))
                 .collect();
             applied.restore(loaded.producers);
+            positions = loaded.positions.into_iter().collect();
             stores = restored;
         } else {
             tracing::info!(dir = %config.data_dir.display(), "no checkpoint: starting empty");
@@ -118,13 +166,32 @@ pub async fn serve(
         gate: tokio::sync::RwLock::new(()),
         durable: std::sync::Mutex::new(durable),
         incarnation: rand::random(),
+        positions: std::sync::Mutex::new(positions),
     });
+    // Reads wait for the log consumer to catch up (clustered mode); on one machine the state
+    // is whole as soon as the checkpoint is loaded.
+    let (caught_up, ready) = tokio::sync::watch::channel(cluster.is_none());
+    let consumer_stop = CancellationToken::new();
+    if let Some((stream, partitions)) = cluster {
+        let consumer = consume::LogConsumer {
+            applier: Arc::clone(&applier),
+            stream,
+            partitions,
+            caught_up,
+        };
+        stages.spawn(
+            consumer
+                .run(consumer_stop.clone())
+                .instrument(tracing::info_span!("consume")),
+        );
+    }
     let service = AggregatorService {
         owners,
         applier: Arc::clone(&applier),
         retention_seconds: config.retention_seconds,
         ack_capacity: config.ack_channel_capacity,
         apply_window: config.apply_window,
+        ready,
         shutdown: shutdown.clone(),
     };
     // The snapshot stage: periodic checkpoints until shutdown, then a last one after the server
@@ -176,8 +243,10 @@ pub async fn serve(
             return Err(error);
         }
     };
-    // The server is gone: the snapshot stage writes a last checkpoint, so a clean restart
-    // replays nothing; then every `Owners` handle is gone and the owners drain and stop.
+    // The server is gone: the log consumer stops (between two messages), the snapshot stage
+    // writes a last checkpoint, so a clean restart replays nothing; then every `Owners` handle
+    // is gone and the owners drain and stop.
+    consumer_stop.cancel();
     snapshot_stop.cancel();
     if let Some(snapshot) = snapshot {
         match snapshot.await {

@@ -31,9 +31,48 @@
 //! copy (applies are paused then, so nothing else writes) waits for the copy of that owner to
 //! end, blocking its worker thread that long (milliseconds); reads arriving meanwhile wait too,
 //! as the lock lets a waiting writer go first.
+//!
+//! # The key limit: a batch is applied whole or refused whole
+//!
+//! Each owner holds at most `ceil(--max-keys / owners)` keys (the limit is per aggregator, split
+//! evenly; keys spread over owners by hash, so an owner can fill a little before the aggregator
+//! holds `--max-keys` in all). A batch whose new keys do not fit is **refused whole**: nothing of
+//! it is applied, and [`Owners::apply`] returns [`AggregatorError::KeyLimit`], so the caller
+//! does not record it as applied and the producer sends it again later. Half a batch must never
+//! be applied: a resend could not tell which half landed, and would count it twice.
+//!
+//! Owners apply their parts of a batch independently, so "does it fit" must be settled for every
+//! owner before any applies anything, and must stay true while other batches (other streams,
+//! other producers) are applied meanwhile. That is a *reservation*: before sending its parts,
+//! [`Owners::apply`] reserves, in each owner the batch touches (in owner order), room for that
+//! part's new keys: `held + reserved + new <= limit`, under the owner's `reserved` lock, reading
+//! `held` from the store. If any owner refuses, the reservations already taken are released and
+//! the batch is refused; otherwise the parts are sent and each owner releases its part's
+//! reservation once it applied it. Why that never overshoots: keys are added only by applies
+//! of batches holding a reservation, each adding at most the new keys it reserved for, plus keys
+//! that were held at reservation time and evicted since (each such re-add follows the eviction
+//! of the same key, so it does not raise the count above the reservation-time figure); an
+//! apply raises `held` before its reservation is released, so two reservations never count the
+//! same room twice. The store's own check ([`StoreError::KeyLimit`]) therefore never fires on
+//! this path; if it ever did (a bug), the delta is counted as dropped and logged as an error.
+//!
+//! The reservation is cheap far from the limit: every delta of a part is taken to be a new key
+//! (an upper bound, no lookups). Only when that bound does not fit are the part's keys looked up
+//! in the store, and the exact number of distinct new keys reserved. Near the limit a refusal can
+//! be conservative (two batches in flight that bring the same new key each reserve room for it);
+//! the refused batch's retry then goes through.
+//!
+//! The refusal is visible to operators: `hitcounter_aggregator_key_limit_reached` is 1 while
+//! batches were refused in the last [`KEY_LIMIT_GAUGE_HOLD`] (it is refreshed every second),
+//! `hitcounter_aggregator_batches_total{outcome="refused_key_limit"}` counts refusals, and an
+//! error is logged at most once a minute. Reads are unaffected (health stays `SERVING`).
 
 use std::{
-    sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard},
+    collections::HashSet,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    },
     time::Duration,
 };
 
@@ -44,7 +83,16 @@ use hitcounter_window::{StoreError, StoreImage, StoreLimits, WindowStore};
 use tokio::{sync::oneshot, task::JoinSet};
 use tracing::Instrument;
 
-use crate::error::AggregatorError;
+use crate::error::{AggregatorError, KeyLimitRefusal};
+
+/// How long `hitcounter_aggregator_key_limit_reached` stays 1 after the last refusal: a producer
+/// retries a refused batch at least every second, so while the limit holds batches back the
+/// gauge stays up, and it falls within seconds once they go through.
+pub(crate) const KEY_LIMIT_GAUGE_HOLD: Duration = Duration::from_secs(10);
+
+/// At most one error log per this many seconds about refused batches (a stuck producer retries
+/// every second; one line a minute is enough to say it is still happening).
+const KEY_LIMIT_LOG_EVERY_SECONDS: i64 = 60;
 
 /// Deltas applied under one hold of the write lock. About 100 µs of work with a store of a
 /// million keys: the longest a read waits for an apply, and long enough that taking the lock
@@ -56,23 +104,81 @@ const APPLY_CHUNK: usize = 1024;
 /// step is a few hundred microseconds.
 const EVICT_CHUNK_BUCKETS: usize = 4096;
 
-/// A batch of deltas for one owner, and where to report how many it dropped.
+/// A batch of deltas for one owner, the room reserved for its new keys (released by the owner
+/// once applied), and where to report how many deltas it dropped.
 struct Apply {
     deltas: Vec<Delta>,
+    reserved: usize,
     done: oneshot::Sender<u64>,
 }
 
 /// One owner's store: written by its owner task only, read by anyone.
 #[derive(Clone)]
 struct Owner {
+    index: usize,
     writes: StageSender<Apply>,
     store: Arc<RwLock<WindowStore>>,
+    /// Room promised to parts admitted but not yet applied (see "The key limit" above).
+    reserved: Arc<Mutex<usize>>,
+    /// The most keys this owner may hold.
+    max_keys: usize,
 }
 
 impl Owner {
     fn read(&self) -> RwLockReadGuard<'_, WindowStore> {
         read(&self.store)
     }
+
+    fn reserved(&self) -> std::sync::MutexGuard<'_, usize> {
+        lock_reserved(&self.reserved)
+    }
+
+    /// Reserves room for the new keys of `part`; returns how much was reserved.
+    fn reserve(&self, part: &[Delta]) -> Result<usize, KeyLimitRefusal> {
+        let mut reserved = self.reserved();
+        // Far from the limit: take every delta for a new key (an upper bound, no lookups).
+        let bound = part.iter().filter(|delta| delta.count > 0).count();
+        let held = self.read().key_count();
+        if held + *reserved + bound <= self.max_keys {
+            *reserved += bound;
+            return Ok(bound);
+        }
+        // Near it: the exact number of distinct keys the store does not hold.
+        let (held, new) = {
+            let store = self.read();
+            let new: HashSet<&str> = part
+                .iter()
+                .filter(|delta| delta.count > 0 && !store.contains_key(&delta.key))
+                .map(|delta| delta.key.as_str())
+                .collect();
+            (store.key_count(), new.len())
+        };
+        if held + *reserved + new <= self.max_keys {
+            *reserved += new;
+            return Ok(new);
+        }
+        Err(KeyLimitRefusal {
+            owner: self.index,
+            limit: self.max_keys,
+            held,
+            reserved: *reserved,
+            new,
+        })
+    }
+
+    fn release(&self, room: usize) {
+        release(&self.reserved, room);
+    }
+}
+
+fn lock_reserved(reserved: &Mutex<usize>) -> std::sync::MutexGuard<'_, usize> {
+    // Only additions and subtractions happen under it: a poisoned count is still right.
+    reserved.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn release(reserved: &Mutex<usize>, room: usize) {
+    let mut reserved = lock_reserved(reserved);
+    *reserved = reserved.saturating_sub(room);
 }
 
 // A panic while the lock was held (there is no `unwrap` of caller input under it) would leave
@@ -90,6 +196,14 @@ fn write(store: &RwLock<WindowStore>) -> RwLockWriteGuard<'_, WindowStore> {
 #[derive(Clone)]
 pub(crate) struct Owners {
     owners: Vec<Owner>,
+    /// Key-limit refusals, for the gauge and the rate-limited log.
+    refusals: Arc<Refusals>,
+}
+
+/// When batches were last refused at the key limit (Unix seconds; `i64::MIN`: never).
+struct Refusals {
+    last: AtomicI64,
+    logged: AtomicI64,
 }
 
 /// Settings of the owner tasks.
@@ -121,6 +235,10 @@ impl Owners {
     ) -> Self {
         let owners = settings.owners.max(1);
         let limits = settings.store_limits();
+        let refusals = Arc::new(Refusals {
+            last: AtomicI64::new(i64::MIN),
+            logged: AtomicI64::new(i64::MIN),
+        });
         let mut stores = stores.into_iter();
         let owners = (0..owners)
             .map(|index| {
@@ -128,35 +246,85 @@ impl Owners {
                     hitcounter_pipeline::channel("aggregator_owner_mailbox", settings.mailbox);
                 let store = stores.next().unwrap_or_else(|| WindowStore::new(limits));
                 let store = Arc::new(RwLock::new(store));
+                let reserved = Arc::new(Mutex::new(0));
                 let retention = i64::from(settings.retention_seconds);
+                let task = OwnerTask {
+                    index,
+                    store: Arc::clone(&store),
+                    reserved: Arc::clone(&reserved),
+                    refusals: (index == 0).then(|| Arc::clone(&refusals)),
+                };
                 tasks.spawn(
-                    run_owner(index, Arc::clone(&store), mailbox, retention)
+                    run_owner(task, mailbox, retention)
                         .instrument(tracing::info_span!("apply", owner = index)),
                 );
-                Owner { writes, store }
+                Owner {
+                    index,
+                    writes,
+                    store,
+                    reserved,
+                    max_keys: limits.max_keys,
+                }
             })
             .collect();
-        Self { owners }
+        Self { owners, refusals }
     }
 
-    /// Applies deltas; returns how many were dropped at the key limit.
+    /// Applies a batch of deltas whole, or nothing of it; returns how many deltas were dropped
+    /// because they can never be applied (a second out of range: ingest never sends one).
+    ///
+    /// # Errors
+    /// [`AggregatorError::KeyLimit`] when the batch's new keys do not fit under the key limit:
+    /// nothing of it was applied (see "The key limit" in the module docs), send it again later.
+    /// [`AggregatorError::OwnerStopped`] when an owner is gone (shutting down).
     pub(crate) async fn apply(&self, deltas: Vec<Delta>) -> Result<u64, AggregatorError> {
         let n = self.owners.len();
         let mut parts: Vec<Vec<Delta>> = (0..n).map(|_| Vec::new()).collect();
         for delta in deltas {
             parts[owner_of(&delta.key, n)].push(delta);
         }
+        // Reserve room in every owner the batch touches before any of them applies anything.
+        let mut rooms = vec![0; n];
+        for (owner, part) in parts.iter().enumerate() {
+            if part.is_empty() {
+                continue;
+            }
+            match self.owners[owner].reserve(part) {
+                Ok(room) => rooms[owner] = room,
+                Err(refusal) => {
+                    for (owner, room) in rooms.iter().enumerate().take(owner) {
+                        self.owners[owner].release(*room);
+                    }
+                    self.refused(&refusal);
+                    return Err(AggregatorError::KeyLimit(refusal));
+                }
+            }
+        }
         let mut waits = Vec::with_capacity(n);
-        for (owner, deltas) in parts.into_iter().enumerate() {
+        let mut parts = parts.into_iter().enumerate();
+        while let Some((owner, deltas)) = parts.next() {
             if deltas.is_empty() {
                 continue;
             }
             let (done, wait) = oneshot::channel();
-            self.owners[owner]
+            let reserved = rooms[owner];
+            if self.owners[owner]
                 .writes
-                .send(Apply { deltas, done })
+                .send(Apply {
+                    deltas,
+                    reserved,
+                    done,
+                })
                 .await
-                .map_err(|_| AggregatorError::OwnerStopped)?;
+                .is_err()
+            {
+                // Shutting down: give back what the parts not sent reserved.
+                self.owners[owner].release(reserved);
+                for (owner, _) in parts {
+                    self.owners[owner].release(rooms[owner]);
+                }
+                return Err(AggregatorError::OwnerStopped);
+            }
             waits.push(wait);
         }
         let mut dropped = 0;
@@ -164,6 +332,28 @@ impl Owners {
             dropped += wait.await.map_err(|_| AggregatorError::OwnerStopped)?;
         }
         Ok(dropped)
+    }
+
+    /// Notes a refusal: the gauge now, an error log at most once a minute.
+    fn refused(&self, refusal: &KeyLimitRefusal) {
+        let now = crate::clock::now_second();
+        self.refusals.last.store(now, Ordering::Relaxed);
+        metrics::gauge!("hitcounter_aggregator_key_limit_reached").set(1.0);
+        let logged = self.refusals.logged.load(Ordering::Relaxed);
+        if now.saturating_sub(logged) >= KEY_LIMIT_LOG_EVERY_SECONDS
+            && self
+                .refusals
+                .logged
+                .compare_exchange(logged, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::error!(
+                %refusal,
+                "key limit reached: refusing batches with new keys (not applied; producers keep \
+                 and resend them, and ingest fills its buffer): raise --max-keys, add shards, or \
+                 wait for keys to age out of the retention (logged at most once a minute)"
+            );
+        }
     }
 
     /// A flat copy of every owner's store, in owner order, each taken under its read lock
@@ -232,20 +422,34 @@ pub(crate) fn merge_top(mut keys: Vec<(String, u64)>, limit: usize) -> Vec<(Stri
     keys
 }
 
-async fn run_owner(
+/// What an owner task holds.
+struct OwnerTask {
     index: usize,
     store: Arc<RwLock<WindowStore>>,
+    reserved: Arc<Mutex<usize>>,
+    /// Owner 0 only: it refreshes the aggregator-wide key-limit gauge.
+    refusals: Option<Arc<Refusals>>,
+}
+
+async fn run_owner(
+    task: OwnerTask,
     writes: StageReceiver<Apply>,
     retention_seconds: i64,
 ) -> Result<(), AggregatorError> {
+    let OwnerTask {
+        index,
+        store,
+        reserved,
+        refusals,
+    } = task;
     let label = index.to_string();
     let keys_gauge = metrics::gauge!("hitcounter_aggregator_keys", "owner" => label.clone());
     let counters_gauge =
         metrics::gauge!("hitcounter_aggregator_counters", "owner" => label.clone());
     let bytes_gauge = metrics::gauge!("hitcounter_aggregator_store_bytes", "owner" => label);
     let applied = metrics::counter!("hitcounter_aggregator_deltas_applied_total");
-    let dropped_total =
-        metrics::counter!("hitcounter_aggregator_deltas_dropped_total", "reason" => "key_limit");
+    let reached_gauge = metrics::gauge!("hitcounter_aggregator_key_limit_reached");
+    let hold = KEY_LIMIT_GAUGE_HOLD.as_secs() as i64;
     // Gauges every second; eviction every `evict_every` seconds (see the module docs).
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -254,11 +458,12 @@ async fn run_owner(
     loop {
         tokio::select! {
             write = writes.recv() => match write {
-                Some(Apply { deltas, done }) => {
+                Some(Apply { deltas, reserved: room, done }) => {
                     let total = deltas.len() as u64;
                     let dropped = apply(&store, &deltas).await;
+                    // After the keys are in the store (see "The key limit" above).
+                    release(&reserved, room);
                     applied.increment(total - dropped);
-                    dropped_total.increment(dropped);
                     // The caller may have gone away; the deltas are applied either way.
                     let _ = done.send(dropped);
                 }
@@ -276,6 +481,11 @@ async fn run_owner(
                     }
                     evicted_at = now;
                 }
+                if let Some(refusals) = &refusals {
+                    let last = refusals.last.load(Ordering::Relaxed);
+                    let recent = now.saturating_sub(last) < hold;
+                    reached_gauge.set(if recent { 1.0 } else { 0.0 });
+                }
                 let store = read(&store);
                 keys_gauge.set(store.key_count() as f64);
                 counters_gauge.set(store.counter_count() as f64);
@@ -288,7 +498,8 @@ async fn run_owner(
 }
 
 /// Applies `deltas` to `store`, [`APPLY_CHUNK`] at a time under the write lock, yielding to the
-/// runtime between chunks; returns how many were dropped (key limit, or a second out of range).
+/// runtime between chunks; returns how many were dropped (a second out of range; the key limit
+/// cannot drop anything here, the batch reserved room for its new keys).
 async fn apply(store: &RwLock<WindowStore>, deltas: &[Delta]) -> u64 {
     let mut dropped = 0u64;
     for chunk in deltas.chunks(APPLY_CHUNK) {
@@ -298,16 +509,20 @@ async fn apply(store: &RwLock<WindowStore>, deltas: &[Delta]) -> u64 {
                 match store.add(&delta.key, delta.second, delta.count) {
                     Ok(()) => {}
                     Err(StoreError::KeyLimit { limit }) => {
+                        // Never happens: the batch reserved room (see the module docs).
                         dropped += 1;
-                        if dropped == 1 {
-                            tracing::error!(
-                                limit,
-                                "key limit reached: dropping deltas of new keys; raise --max-keys or add shards"
-                            );
-                        }
+                        metrics::counter!("hitcounter_aggregator_deltas_dropped_total", "reason" => "key_limit_bug")
+                            .increment(1);
+                        tracing::error!(
+                            limit,
+                            key = %delta.key,
+                            "BUG: a delta met the key limit despite its batch's reservation; dropped"
+                        );
                     }
                     Err(error) => {
                         dropped += 1;
+                        metrics::counter!("hitcounter_aggregator_deltas_dropped_total", "reason" => "second_out_of_range")
+                            .increment(1);
                         tracing::warn!(%error, "delta not applied");
                     }
                 }
@@ -380,6 +595,49 @@ mod tests {
                 ("page-47".to_string(), 148)
             ]
         );
+    }
+
+    /// A batch whose new keys do not fit in one owner is refused whole: the other owner's part
+    /// is not applied either, and the same batch goes through once there is room.
+    #[tokio::test]
+    async fn a_batch_is_applied_whole_or_refused_whole_at_the_key_limit() {
+        let mut tasks = JoinSet::new();
+        let settings = OwnerSettings {
+            max_keys: 4,
+            ..settings(2)
+        };
+        let owners = Owners::spawn(&settings, Vec::new(), &mut tasks);
+        let now = crate::clock::now_second();
+        // Keys of owner 0 until it is full (2 keys each), and one key of owner 1.
+        let of = |owner: usize| {
+            (0..)
+                .map(|i| format!("k{i}"))
+                .filter(move |k| owner_of(k, 2) == owner)
+        };
+        let full: Vec<Delta> = of(0).take(2).map(|k| delta(&k, now, 1)).collect();
+        assert_eq!(owners.apply(full.clone()).await.unwrap(), 0);
+        let other = of(1).next().unwrap();
+        let new_in_full = of(0).nth(2).unwrap();
+        let batch = vec![delta(&other, now, 5), delta(&new_in_full, now, 7)];
+        let refused = owners.apply(batch.clone()).await;
+        assert!(
+            matches!(&refused, Err(AggregatorError::KeyLimit(r)) if r.owner == 0 && r.new == 1),
+            "{refused:?}"
+        );
+        assert_eq!(
+            owners.count(std::slice::from_ref(&other), now, 60),
+            vec![0],
+            "half applied"
+        );
+        // Keys already held still take hits.
+        assert_eq!(owners.apply(full).await.unwrap(), 0);
+        // Room again (the old keys age out): the same batch applies, once.
+        for owner in &owners.owners {
+            write(&owner.store).evict_before(now + 1);
+        }
+        assert_eq!(owners.apply(batch).await.unwrap(), 0);
+        assert_eq!(owners.count(&[other, new_in_full], now, 60), vec![5, 7]);
+        assert_eq!(*owners.owners[0].reserved(), 0, "reservations released");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

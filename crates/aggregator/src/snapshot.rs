@@ -28,7 +28,7 @@ pub(crate) async fn run(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticks.tick().await;
     let skipped = metrics::counter!("hitcounter_aggregator_checkpoints_skipped_total");
-    let mut written: Option<Vec<(u64, u64)>> = None;
+    let mut written: Option<Marks> = None;
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
@@ -38,7 +38,7 @@ pub(crate) async fn run(
         // (up to evictions, which replay redoes), so an idle aggregator writes nothing.
         if written
             .as_ref()
-            .is_some_and(|marks| *marks == progress_marks(&applier.applied.snapshot()))
+            .is_some_and(|marks| *marks == current_marks(&applier))
         {
             skipped.increment(1);
             continue;
@@ -56,6 +56,25 @@ pub(crate) async fn run(
     take(&applier, &dir).await.map(drop)
 }
 
+/// What a checkpoint holds of the progress: every producer's applied-through mark, and
+/// (clustered mode) every partition's position. Equal marks mean nothing was applied between.
+type Marks = (Vec<(u64, u64)>, Vec<(u32, u64)>);
+
+fn current_marks(applier: &Applier) -> Marks {
+    (
+        progress_marks(&applier.applied.snapshot()),
+        positions_of(applier),
+    )
+}
+
+fn positions_of(applier: &Applier) -> Vec<(u32, u64)> {
+    applier
+        .lock_positions()
+        .iter()
+        .map(|(p, position)| (*p, *position))
+        .collect()
+}
+
 /// Every producer's applied-through mark, sorted: equal marks mean nothing was applied between.
 fn progress_marks(producers: &[(u64, Progress)]) -> Vec<(u64, u64)> {
     let mut marks: Vec<(u64, u64)> = producers
@@ -67,14 +86,13 @@ fn progress_marks(producers: &[(u64, Progress)]) -> Vec<(u64, u64)> {
 }
 
 /// Writes one checkpoint; returns the progress marks it holds.
-async fn take(
-    applier: &Applier,
-    dir: &std::path::Path,
-) -> Result<Vec<(u64, u64)>, AggregatorError> {
+async fn take(applier: &Applier, dir: &std::path::Path) -> Result<Marks, AggregatorError> {
     let started = std::time::Instant::now();
     let exclusive = applier.gate.write().await;
     let producers = applier.applied.snapshot();
     let throughs = progress_marks(&producers);
+    let positions = positions_of(applier);
+    let marks = (throughs.clone(), positions.clone());
     let owners = applier.owners.clone();
     let dir = dir.to_owned();
     let (copied, copy_done) = tokio::sync::oneshot::channel();
@@ -92,6 +110,7 @@ async fn take(
                     .map(|d| d.as_millis() as i64)
                     .unwrap_or(0),
                 producers,
+                positions,
                 stores,
             };
             let _ = done.send(checkpoint::write(&dir, &state));
@@ -123,7 +142,7 @@ async fn take(
         pause = paused.as_secs_f64(),
         "checkpoint written"
     );
-    Ok(throughs)
+    Ok(marks)
 }
 
 /// The checkpoint thread's priority on thread-priority's 0..=99 scale, which it maps to nice

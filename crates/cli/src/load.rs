@@ -86,6 +86,8 @@ pub struct LoadConfig {
     pub connect_timeout: Duration,
     /// Bearer token sent on every stream, for an ingest with `--tokens-file`.
     pub token: Option<String>,
+    /// CA certificate (PEM) of an `https://` ingest.
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl Default for LoadConfig {
@@ -101,6 +103,7 @@ impl Default for LoadConfig {
             streams: 4,
             connect_timeout: Duration::from_secs(5),
             token: None,
+            ca_cert: None,
         }
     }
 }
@@ -289,7 +292,7 @@ pub async fn run_with_progress(
     progress: Arc<Progress>,
 ) -> Result<LoadReport, LoadError> {
     config.validate()?;
-    let address = Address::parse(&config.ingest)?;
+    let address = Address::parse(&config.ingest)?.with_ca_cert(config.ca_cert.clone());
     // One connection per stream: a single HTTP/2 connection is driven by one task, which would
     // cap the throughput at what one core can frame.
     let mut channels = Vec::with_capacity(config.streams);

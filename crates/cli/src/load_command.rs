@@ -21,6 +21,7 @@ const TICK: Duration = Duration::from_millis(200);
 fn config(address: &Address, args: &LoadArgs, token: Option<&str>) -> LoadConfig {
     LoadConfig {
         ingest: address.to_string(),
+        ca_cert: address.ca_cert().map(ToOwned::to_owned),
         rate: args.rate,
         duration: args.duration,
         keys: args.keys,

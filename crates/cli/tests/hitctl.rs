@@ -383,9 +383,13 @@ async fn usage_errors_exit_2_and_say_what_is_accepted() {
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("--to"), "{out:?}");
 
-    let out = run(&["get", "k", "--query", "https://q:50053"]).await;
+    let out = run(&["get", "k", "--query", "grpc://q:50053"]).await;
     assert_eq!(out.code, Some(2), "{out:?}");
     assert!(out.stderr.contains("HOST:PORT"), "{out:?}");
+
+    let out = run(&["get", "k", "--query", "https://q:50053"]).await;
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(out.stderr.contains("--ca-cert"), "{out:?}");
 
     let out = run(&["--help"]).await.success();
     for subcommand in ["hit", "get", "series", "top", "watch", "health", "load"] {

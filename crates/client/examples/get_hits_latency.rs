@@ -4,7 +4,8 @@
 //! the percentiles instead of delaying the calls behind it).
 //!
 //! `cargo run --release -p hitcounter-client --example get_hits_latency -- ADDR QPS SECONDS [TOKEN]`
-//! (the token also from `HITCOUNTER_TOKEN`).
+//! (the token also from `HITCOUNTER_TOKEN`; for an `https://` ADDR, the CA file from
+//! `HITCOUNTER_CA_CERT`).
 
 use std::time::Duration;
 
@@ -22,7 +23,8 @@ async fn main() -> anyhow::Result<()> {
         .or_else(|| std::env::var("HITCOUNTER_TOKEN").ok());
     anyhow::ensure!(qps > 0, "QPS must be above 0");
 
-    let client = Client::connect_with(&query, &query, ClientOptions { token }).await?;
+    let ca_cert = std::env::var_os("HITCOUNTER_CA_CERT").map(Into::into);
+    let client = Client::connect_with(&query, &query, ClientOptions { token, ca_cert }).await?;
     let interval = Duration::from_secs(1) / qps;
     let calls = u64::from(qps) * seconds;
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(1024);

@@ -3,7 +3,9 @@
 //! - [`proto`]: the generated gRPC stubs of the public API (`hitcounter.v1`), for full control.
 //! - [`Client`]: a small wrapper to record hits and read counts.
 //! - [`Bearer`]: the interceptor that sends a token (`authorization: Bearer …`) with every call,
-//!   for services started with `--tokens-file`; [`Client::connect_with`] takes the token.
+//!   for services started with `--tokens-file`; [`Client::connect_with`] takes the token, and
+//!   for `https://` addresses the CA that signs the servers' certificates
+//!   ([`ClientOptions::ca_cert`]).
 //! - [`Recorder`]: a batching recorder that collects hits in the background and sends them over
 //!   one `StreamHits` stream, flushing when a batch is full or a time has passed. This is the
 //!   high-throughput way to record.
@@ -66,6 +68,24 @@ pub enum ClientError {
     /// The server answered with an error status.
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
+    /// The TLS files (`ca_cert`) are missing or unusable, or TLS is asked for in a way that
+    /// cannot work (an `https://` address without a CA).
+    #[error("TLS settings for {address}")]
+    Tls {
+        /// The address given.
+        address: String,
+        /// Why.
+        #[source]
+        source: Box<hitcounter_transport::tls::TlsError>,
+    },
+    /// An `https://` address was given without [`ClientOptions::ca_cert`].
+    #[error(
+        "{address} is https://: give the CA that signs its certificate (ClientOptions::ca_cert)"
+    )]
+    NoCa {
+        /// The address given.
+        address: String,
+    },
     /// The token cannot be sent as gRPC metadata.
     #[error("the token is not valid in an `authorization` header (printable ASCII only)")]
     BadToken,
@@ -116,6 +136,8 @@ pub type AuthChannel = InterceptedService<Channel, Bearer>;
 pub struct ClientOptions {
     /// The bearer token to send (from `hitctl token new`), for services with `--tokens-file`.
     pub token: Option<String>,
+    /// The CA certificate (PEM) that signs the servers' certificates, for `https://` addresses.
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 /// A connection to ingest (writes) and query (reads). Cheap to clone.
@@ -125,7 +147,7 @@ pub struct Client {
     query: QueryClient<AuthChannel>,
 }
 
-async fn channel(address: &str) -> Result<Channel, ClientError> {
+async fn channel(address: &str, options: &ClientOptions) -> Result<Channel, ClientError> {
     let uri = if address.contains("://") {
         address.to_owned()
     } else {
@@ -135,7 +157,22 @@ async fn channel(address: &str) -> Result<Channel, ClientError> {
         address: address.to_owned(),
         reason: e.to_string(),
     })?;
-    let endpoint = endpoint.connect_timeout(Duration::from_secs(5));
+    let mut endpoint = endpoint.connect_timeout(Duration::from_secs(5));
+    if endpoint.uri().scheme_str() == Some("https") {
+        if options.ca_cert.is_none() {
+            return Err(ClientError::NoCa {
+                address: address.to_owned(),
+            });
+        }
+        let tls = hitcounter_transport::tls::ClientTls {
+            ca_cert: options.ca_cert.clone(),
+            ..Default::default()
+        };
+        endpoint = tls.apply(endpoint).map_err(|source| ClientError::Tls {
+            address: address.to_owned(),
+            source: Box::new(source),
+        })?;
+    }
     hitcounter_transport::connect(&endpoint)
         .await
         .map_err(|source| ClientError::Connect {
@@ -145,7 +182,8 @@ async fn channel(address: &str) -> Result<Channel, ClientError> {
 }
 
 impl Client {
-    /// Connects to ingest and query (`host:port` or `http://host:port`).
+    /// Connects to ingest and query (`host:port` or `http://host:port`; `https://host:port`
+    /// needs [`Client::connect_with`] and a CA).
     ///
     /// # Errors
     /// [`ClientError::BadAddress`] or [`ClientError::Connect`].
@@ -164,8 +202,11 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let bearer = Bearer::new(options.token.as_deref())?;
         Ok(Self {
-            ingest: IngestClient::with_interceptor(channel(ingest).await?, bearer.clone()),
-            query: QueryClient::with_interceptor(channel(query).await?, bearer),
+            ingest: IngestClient::with_interceptor(
+                channel(ingest, &options).await?,
+                bearer.clone(),
+            ),
+            query: QueryClient::with_interceptor(channel(query, &options).await?, bearer),
         })
     }
 

@@ -40,6 +40,9 @@ pub enum Error {
     /// A listen address could not be bound.
     #[error(transparent)]
     Bind(#[from] BindError),
+    /// The TLS files (`--tls-cert`, `--tls-key`, `--tls-client-ca`) are missing or unusable.
+    #[error("TLS configuration")]
+    Tls(#[from] hitcounter_telemetry::TlsError),
     /// The ingest role failed.
     #[error("ingest failed")]
     Ingest(#[source] hitcounter_ingest::IngestError),
@@ -94,7 +97,9 @@ pub async fn serve(role: Role, shutdown: CancellationToken) -> Result<(), Error>
             let metrics = config
                 .service
                 .metrics_addr(hitcounter_ingest::Config::DEFAULT_METRICS);
-            let listeners = Listeners::bind(config.listen, metrics).await?;
+            let listeners = Listeners::bind(config.listen, metrics)
+                .await?
+                .configured(&config.service)?;
             announce_one("ingest", &listeners);
             hitcounter_ingest::serve(config, listeners, shutdown)
                 .await
@@ -104,7 +109,9 @@ pub async fn serve(role: Role, shutdown: CancellationToken) -> Result<(), Error>
             let metrics = config
                 .service
                 .metrics_addr(hitcounter_aggregator::Config::DEFAULT_METRICS);
-            let listeners = Listeners::bind(config.listen, metrics).await?;
+            let listeners = Listeners::bind(config.listen, metrics)
+                .await?
+                .configured(&config.service)?;
             announce_one("aggregator", &listeners);
             hitcounter_aggregator::serve(config, listeners, shutdown)
                 .await
@@ -114,7 +121,9 @@ pub async fn serve(role: Role, shutdown: CancellationToken) -> Result<(), Error>
             let metrics = config
                 .service
                 .metrics_addr(hitcounter_query::Config::DEFAULT_METRICS);
-            let listeners = Listeners::bind(config.listen, metrics).await?;
+            let listeners = Listeners::bind(config.listen, metrics)
+                .await?
+                .configured(&config.service)?;
             announce_one("query", &listeners);
             hitcounter_query::serve(config, listeners, shutdown)
                 .await
@@ -183,6 +192,9 @@ pub async fn serve_all(
                 })?,
         );
     let aggregator_uri = format!("http://{aggregator_addr}");
+    // Loaded before anything starts, so that a bad certificate fails at start-up.
+    let ingest_tls = config.ingest.service.server_tls()?;
+    let query_tls = config.query.service.server_tls()?;
     config.ingest.client.aggregators = vec![aggregator_uri.clone()];
     config.query.client.aggregators = vec![aggregator_uri];
 
@@ -191,6 +203,10 @@ pub async fn serve_all(
     let aggregator_listeners = Listeners {
         grpc: listeners.aggregator,
         metrics: listeners.metrics,
+        // In-process, ingest and query reach the aggregator over loopback in plain text (see
+        // the module docs): its port is internal; TLS is for the public ports.
+        tls: None,
+        limits: config.aggregator.service.server_limits(),
     };
     let mut aggregator = RoleTask::spawn("aggregator", |stop| async move {
         hitcounter_aggregator::serve(config.aggregator, aggregator_listeners, stop)
@@ -215,6 +231,8 @@ pub async fn serve_all(
     let ingest_listeners = Listeners {
         grpc: listeners.ingest,
         metrics: None,
+        tls: ingest_tls,
+        limits: config.ingest.service.server_limits(),
     };
     let mut ingest = RoleTask::spawn("ingest", |stop| async move {
         hitcounter_ingest::serve(config.ingest, ingest_listeners, stop)
@@ -224,6 +242,8 @@ pub async fn serve_all(
     let query_listeners = Listeners {
         grpc: listeners.query,
         metrics: None,
+        tls: query_tls,
+        limits: config.query.service.server_limits(),
     };
     let mut query = RoleTask::spawn("query", |stop| async move {
         hitcounter_query::serve(config.query, query_listeners, stop)

@@ -119,6 +119,15 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_GLOBAL_HITS_BURST")]
     pub global_hits_burst: Option<u32>,
 
+    /// Publishers storing flushes in the cluster's log at once (clustered mode): each waits
+    /// for its batch to be replicated, so more of them overlap those waits.
+    #[arg(long, env = "HITCOUNTER_PUBLISH_LANES", default_value_t = 4)]
+    pub publish_lanes: usize,
+
+    /// Clustered mode: the replicated log on NATS JetStream.
+    #[command(flatten)]
+    pub cluster: hitcounter_cluster::ClusterArgs,
+
     /// Bearer tokens, roles, key scopes and quotas.
     #[command(flatten)]
     pub auth: AuthArgs,

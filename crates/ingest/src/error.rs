@@ -20,9 +20,22 @@ pub enum IngestError {
     /// The durable log is at its disk budget.
     #[error("ingest's durable buffer is full (the aggregator is down or slow); nothing of this request was counted, retry with backoff")]
     LogFull,
+    /// The durable log is at its disk budget because an aggregator refuses batches at its key
+    /// limit ("aggregator key limit reached on shard N: …").
+    #[error("{0}; nothing of this request was counted, retry with backoff")]
+    AggregatorKeyLimit(String),
+    /// The file system holding the durable log is full (the message says which file).
+    #[error("{0}; nothing of this request was counted, retry with backoff")]
+    DiskFull(String),
     /// The durable log cannot be written or read.
     #[error("ingest log failure: {0}")]
     Log(String),
+    /// Clustered mode: the cluster's log is at `--nats-max-bytes`.
+    #[error("the cluster's log is full (the aggregators are not keeping up, or --nats-max-bytes is too low); nothing of this request was counted, retry with backoff")]
+    ClusterLogFull,
+    /// Clustered mode: the cluster's log did not take the hits.
+    #[error("{0}")]
+    ClusterLog(String),
     /// Another call with the same batch id is still being recorded.
     #[error("another call with this batch_id is still being recorded; retry to learn its outcome")]
     BatchInFlight,
@@ -46,7 +59,11 @@ impl IngestError {
             IngestError::BufferFull => "buffer_full",
             IngestError::LedgerFull => "ledger_full",
             IngestError::LogFull => "log_full",
+            IngestError::AggregatorKeyLimit(_) => "aggregator_key_limit",
+            IngestError::DiskFull(_) => "disk_full",
             IngestError::Log(_) => "log_failure",
+            IngestError::ClusterLogFull => "cluster_log_full",
+            IngestError::ClusterLog(_) => "cluster_log_failure",
             IngestError::BatchInFlight => "batch_in_flight",
             IngestError::ShuttingDown => "shutting_down",
             IngestError::StageStopped(_) | IngestError::Startup(_) => "internal",
@@ -61,13 +78,17 @@ impl From<IngestError> for Status {
         }
         match &error {
             IngestError::Invalid(_) => Status::invalid_argument(error.to_string()),
-            IngestError::BufferFull | IngestError::LedgerFull | IngestError::LogFull => {
-                Status::resource_exhausted(error.to_string())
-            }
+            IngestError::BufferFull
+            | IngestError::LedgerFull
+            | IngestError::LogFull
+            | IngestError::ClusterLogFull
+            | IngestError::AggregatorKeyLimit(_)
+            | IngestError::DiskFull(_) => Status::resource_exhausted(error.to_string()),
             IngestError::BatchInFlight => Status::aborted(error.to_string()),
-            IngestError::ShuttingDown | IngestError::StageStopped(_) | IngestError::Log(_) => {
-                Status::unavailable(error.to_string())
-            }
+            IngestError::ShuttingDown
+            | IngestError::StageStopped(_)
+            | IngestError::Log(_)
+            | IngestError::ClusterLog(_) => Status::unavailable(error.to_string()),
             IngestError::Startup(_) => Status::internal(error.to_string()),
             // Answered above, with its retry-after-ms metadata.
             IngestError::Refused(_) => Status::internal(error.to_string()),

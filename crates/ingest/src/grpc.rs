@@ -42,6 +42,15 @@ pub(crate) struct IngestService {
     pub(crate) shutdown: CancellationToken,
 }
 
+/// What became of an enqueued request's hits.
+enum Stored {
+    /// Durable; counted.
+    New,
+    /// Clustered mode: its batch id was stored before through another ingest instance, with
+    /// this many hits; nothing stored again.
+    Duplicate(u64),
+}
+
 /// How long an enqueue may wait.
 #[derive(Clone, Copy)]
 enum Wait {
@@ -60,7 +69,7 @@ impl IngestService {
         hits: Vec<ValidHit>,
         batch_id: Option<Claimed>,
         wait: Wait,
-    ) -> Result<(), IngestError> {
+    ) -> Result<Stored, IngestError> {
         let weight = hits.len();
         let (done, durable) = tokio::sync::oneshot::channel();
         let pending = Pending {
@@ -87,9 +96,16 @@ impl IngestService {
         // Once enqueued the hits are on their way to the disk; the answer comes from the log
         // stage (within the combine interval plus one fsync).
         match durable.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => Ok(Stored::New),
+            Ok(Err(DurableError::Duplicate { accepted })) => Ok(Stored::Duplicate(accepted)),
             Ok(Err(DurableError::Full { .. })) => Err(IngestError::LogFull),
+            Ok(Err(DurableError::KeyLimit(why))) => Err(IngestError::AggregatorKeyLimit(why)),
+            Ok(Err(error @ DurableError::DiskFull(_))) => {
+                Err(IngestError::DiskFull(error.to_string()))
+            }
             Ok(Err(DurableError::Io(message))) => Err(IngestError::Log(message)),
+            Ok(Err(DurableError::ClusterFull)) => Err(IngestError::ClusterLogFull),
+            Ok(Err(DurableError::Cluster(message))) => Err(IngestError::ClusterLog(message)),
             Err(_) => Err(IngestError::ShuttingDown),
         }
     }
@@ -181,11 +197,23 @@ impl IngestService {
         };
         let offered = hits.len() as u64;
         let claimed = claim.map(|guard| Claimed { guard, accepted });
-        if let Err(error) = self.enqueue(hits, claimed, wait).await {
-            // A refused request drops its claim with it, which releases the id for a retry;
-            // an accepted one had its claim completed by the log stage.
-            count_rejected(&error, offered);
-            return Err(error);
+        match self.enqueue(hits, claimed, wait).await {
+            Ok(Stored::New) => {}
+            Ok(Stored::Duplicate(accepted)) => {
+                // Clustered mode: another ingest instance stored this batch id first.
+                metrics::counter!("hitcounter_ingest_duplicate_batches_total").increment(1);
+                return Ok(RecordHitsResponse {
+                    accepted,
+                    duplicate: true,
+                    batch_id,
+                });
+            }
+            Err(error) => {
+                // A refused request drops its claim with it, which releases the id for a
+                // retry; an accepted one had its claim completed by the log stage.
+                count_rejected(&error, offered);
+                return Err(error);
+            }
         }
         metrics::counter!("hitcounter_ingest_hits_accepted_total").increment(accepted);
         Ok(RecordHitsResponse {

@@ -49,6 +49,7 @@ use crate::{
         forward::Forwarder,
         link::ApplyLink,
         log::{LogStage, SharedLogs},
+        publish::Publisher,
     },
     validate::TimeRules,
 };
@@ -66,6 +67,9 @@ pub async fn serve(
 ) -> Result<(), IngestError> {
     let metrics = hitcounter_telemetry::metrics::recorder()
         .map_err(|e| IngestError::Startup(e.to_string()))?;
+    if config.cluster.enabled() {
+        return serve_clustered(config, listeners, shutdown).await;
+    }
     let channels = config
         .client
         .channels()
@@ -145,6 +149,7 @@ pub async fn serve(
             written: written_rx.clone(),
             durable: durable_tx,
             abandon: abandon.clone(),
+            key_limits: Arc::clone(&stages::log::lock(&logs).key_limits),
         };
         forwarders.spawn(
             forwarder
@@ -164,37 +169,16 @@ pub async fn serve(
         background_sync: (config.fsync == config::FsyncMode::Never)
             .then_some(std::time::Duration::from_millis(100)),
         last_background_sync: std::sync::Mutex::new(std::time::Instant::now()),
+        disk_full_logged: std::sync::Mutex::new(None),
     };
     let mut log_task = tokio::spawn(
         log_stage
             .run(flush_rx)
             .instrument(tracing::info_span!("log")),
     );
-    let settings = CombineSettings {
-        max_deltas: config.combine_max_deltas,
-        interval: std::time::Duration::from_millis(config.combine_interval_ms),
-    };
-    let mut combine = tokio::spawn(
-        combine::run(hits_rx, flush_tx, shards, settings)
-            .instrument(tracing::info_span!("combine")),
-    );
+    let mut combine = start_combine(&config, hits_rx, flush_tx, shards, None);
 
-    let service = IngestService {
-        hits: hits_tx.clone(),
-        ledger,
-        rules: TimeRules {
-            retention_seconds: config.retention_seconds,
-            max_future_skew_seconds: config.max_future_skew_seconds,
-        },
-        enqueue_timeout: config.enqueue_timeout(),
-        stream_response_capacity: config.stream_response_capacity,
-        stream_window: config.stream_window.max(1),
-        shutdown: shutdown.clone(),
-    };
-
-    let service = IngestServer::new(service)
-        .max_decoding_message_size(max_message)
-        .max_encoding_message_size(max_message);
+    let service = edge(&config, hits_tx.clone(), ledger, &shutdown);
     tracing::info!(
         addr = ?listeners.grpc.local_addr().ok(),
         shards = links.len(),
@@ -248,6 +232,143 @@ pub async fn serve(
     }
     for link in &links {
         link.close().await;
+    }
+    tracing::info!("ingest stopped");
+    served
+}
+
+/// The gRPC edge in front of the pipeline's hits channel: the same in both modes.
+fn edge(
+    config: &Config,
+    hits: hitcounter_pipeline::StageSender<stages::Pending>,
+    ledger: Arc<BatchLedger>,
+    shutdown: &CancellationToken,
+) -> IngestServer<IngestService> {
+    let service = IngestService {
+        hits,
+        ledger,
+        rules: TimeRules {
+            retention_seconds: config.retention_seconds,
+            max_future_skew_seconds: config.max_future_skew_seconds,
+        },
+        enqueue_timeout: config.enqueue_timeout(),
+        stream_response_capacity: config.stream_response_capacity,
+        stream_window: config.stream_window.max(1),
+        shutdown: shutdown.clone(),
+    };
+    let max_message = config.service.max_message_bytes;
+    IngestServer::new(service)
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message)
+}
+
+/// Starts the `combine` stage splitting deltas into `parts` (shards, or partitions in clustered
+/// mode, where requests with a batch id are kept apart, at most `keep_apart` per flush).
+fn start_combine(
+    config: &Config,
+    hits: hitcounter_pipeline::StageReceiver<stages::Pending>,
+    flushes: hitcounter_pipeline::StageSender<stages::Flush>,
+    parts: usize,
+    keep_apart: Option<usize>,
+) -> tokio::task::JoinHandle<Result<(), IngestError>> {
+    let settings = CombineSettings {
+        max_deltas: config.combine_max_deltas,
+        interval: std::time::Duration::from_millis(config.combine_interval_ms),
+        keep_apart: keep_apart.is_some(),
+        max_apart: keep_apart
+            .unwrap_or(0)
+            .min(config.combine_max_deltas.max(1)),
+    };
+    tokio::spawn(
+        combine::run(hits, flushes, parts, settings).instrument(tracing::info_span!("combine")),
+    )
+}
+
+/// Clustered mode: runs ingest stateless on the cluster's replicated log. No data directory,
+/// no forwarders: flushes are published to the JetStream stream, from which the aggregators
+/// read, and a request is acknowledged once the stream committed it.
+async fn serve_clustered(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> Result<(), IngestError> {
+    let metrics = hitcounter_telemetry::metrics::recorder()
+        .map_err(|e| IngestError::Startup(e.to_string()))?;
+    let authority = hitcounter_auth::Authority::new(&config.auth, "ingest", config.global_limit())
+        .map_err(|e| IngestError::Startup(e.to_string()))?;
+    // The log must keep a delta as long as an aggregator rebuilding from it needs it: the
+    // retention, plus how far in the future an event time may be, plus a margin for clocks.
+    let max_age = std::time::Duration::from_secs(
+        u64::from(config.retention_seconds) + u64::from(config.max_future_skew_seconds) + 600,
+    );
+    let stream = hitcounter_cluster::HitStream::open(&config.cluster, max_age)
+        .await
+        .map_err(|e| IngestError::Startup(e.to_string()))?;
+    let partitions = stream.partitions() as usize;
+    // An atomic batch holds at most 1000 messages: one per partition, the rest markers.
+    let max_apart = hitcounter_cluster::log::MAX_BATCH_MESSAGES.saturating_sub(partitions);
+    if max_apart == 0 {
+        return Err(IngestError::Startup(format!(
+            "--partitions {partitions} leaves no room for batch ids in an atomic batch of at most {} messages: use at most 512 partitions",
+            hitcounter_cluster::log::MAX_BATCH_MESSAGES
+        )));
+    }
+    let ledger = BatchLedger::new(config.dedup_horizon(), config.dedup_capacity);
+    let (hits_tx, hits_rx) = hitcounter_pipeline::channel("ingest_hits", config.buffer_hits);
+    let (flush_tx, flush_rx) =
+        hitcounter_pipeline::channel("ingest_flushes", config.flush_channel_capacity);
+    let mut publishers = JoinSet::new();
+    for lane in 0..config.publish_lanes.max(1) {
+        let publisher = Publisher::new(stream.clone(), config.dedup_horizon());
+        publishers.spawn(
+            stages::DurableLog::run(publisher, flush_rx.clone())
+                .instrument(tracing::info_span!("publish", lane)),
+        );
+    }
+    drop(flush_rx);
+    let mut combine = start_combine(&config, hits_rx, flush_tx, partitions, Some(max_apart));
+    let service = edge(&config, hits_tx.clone(), ledger, &shutdown);
+    tracing::info!(
+        addr = ?listeners.grpc.local_addr().ok(),
+        stream = stream.name(),
+        partitions,
+        lanes = config.publish_lanes.max(1),
+        "ingest serving (clustered: stateless, on the cluster's log)"
+    );
+    let server = hitcounter_telemetry::server::serve_public(
+        service,
+        listeners,
+        metrics,
+        shutdown.clone(),
+        authority,
+    );
+    let served = tokio::select! {
+        served = server => served.map_err(|e| IngestError::Startup(e.to_string())),
+        stopped = &mut combine => {
+            return Err(stage_failed(&shutdown, "combine", stopped));
+        }
+        Some(stopped) = publishers.join_next() => {
+            return Err(stage_failed(&shutdown, "publish", stopped));
+        }
+    };
+    // The edge is closed: publish what the pipeline holds (its callers are still waiting).
+    hits_tx.close();
+    drop(hits_tx);
+    let drain = async {
+        let combined = (&mut combine).await;
+        while publishers.join_next().await.is_some() {}
+        combined
+    };
+    match tokio::time::timeout(config.service.drain_timeout(), drain).await {
+        Ok(Ok(Ok(()))) => tracing::info!("pipeline drained"),
+        Ok(combined) => tracing::error!(?combined, "a stage failed while draining"),
+        Err(_) => {
+            // Nothing acknowledged is lost: what was acknowledged is in the cluster's log, and
+            // the callers still waiting get an error (they were not acknowledged).
+            tracing::warn!("drain deadline passed; unpublished requests were not acknowledged");
+            publishers.abort_all();
+            combine.abort();
+        }
     }
     tracing::info!("ingest stopped");
     served

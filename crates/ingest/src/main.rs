@@ -17,7 +17,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
         config.listen,
         config.service.metrics_addr(Config::DEFAULT_METRICS),
     )
-    .await?;
+    .await?
+    .configured(&config.service)?;
     hitcounter_ingest::serve(config, listeners, shutdown::on_signal()).await?;
     Ok(())
 }

@@ -12,6 +12,10 @@
 //! a record therefore always gets a new random id, so moving `log/` away (the re-shard procedure)
 //! can never make an aggregator take the new log's seqs for ones it applied from the old log.
 //!
+//! Start-up writes nothing unless something changed (the shard count, a new log's producer id,
+//! batch ids the ledger lacks after a crash between a flush's two appends), so ingest starts on
+//! a full disk and can then trim; leftover `*.tmp` files of an interrupted rewrite are removed.
+//!
 //! Opening it recovers both logs (checksums, torn tails cut), restores the batch ids still
 //! inside the dedup horizon, and reports what will be replayed to the aggregators. Batch ids
 //! are read from the ledger and from the ingest log's records (which carry them atomically with
@@ -164,9 +168,21 @@ pub(crate) fn open_in(
             "cut a torn write at the end of the ingest log"
         );
     }
+    // A write of `producer-id` or `shards` cut short (a crash, a full disk) leaves its
+    // temporary file; the real file is whole (it is replaced by a rename), so the leftover only
+    // pins disk space: remove it.
+    for name in ["producer-id", "shards"] {
+        let tmp = dir.join(name).with_extension("tmp");
+        match storage.remove_file(&tmp) {
+            Ok(()) => tracing::info!(file = %tmp.display(), "removed a leftover temporary file"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(failed(&tmp)(e)),
+        }
+    }
     let producer_id = producer_identity(&*storage, dir, &main)?;
     let replay = main.next_seq() - main.first_seq();
-    if let Some(before) = read_number(&*storage, &shards_path)? {
+    let recorded_shards = read_number(&*storage, &shards_path)?;
+    if let Some(before) = recorded_shards {
         if before != shards as u64 && replay > 0 {
             // The records hold deltas already split for `before` shards; re-sharding them is not
             // supported, so refuse rather than send them to the wrong place.
@@ -176,7 +192,11 @@ pub(crate) fn open_in(
             )));
         }
     }
-    write_durably(&*storage, &shards_path, &format!("{shards}\n"))?;
+    // Written only when it changes: a start on a full disk must not need space (every start
+    // used to rewrite it, so ingest could not start on a full disk, and so could not trim).
+    if recorded_shards != Some(shards as u64) {
+        write_durably(&*storage, &shards_path, &format!("{shards}\n"))?;
+    }
 
     let (mut ledger_log, ledger_recovery) = open_log(dir.join("ledger"))?;
     if let Some(cut) = &ledger_recovery.truncated {
@@ -230,6 +250,9 @@ pub(crate) fn open_in(
         }
     }
     if !missing.is_empty() {
+        // Only after a crash between a flush's two appends. This one write at start-up needs
+        // space: on a full disk it fails, naming the disk as the cause (starting without it
+        // would let trimming lose these ids, and a retry of their batches would count twice).
         let records: Vec<&[u8]> = missing.iter().map(Vec::as_slice).collect();
         let seqs = ledger_log.append(&records).map_err(startup)?;
         ledger_log.sync_now().map_err(startup)?;
@@ -257,6 +280,7 @@ pub(crate) fn open_in(
         logs: Logs {
             main,
             ledger: ledger_log,
+            key_limits: Arc::new(crate::stages::log::KeyLimits::new(shards)),
         },
         ledger_times,
     })

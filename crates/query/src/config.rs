@@ -51,6 +51,15 @@ pub struct Config {
     #[command(flatten)]
     pub client: ClientArgs,
 
+    /// Clustered mode: aggregators per partition.
+    #[command(flatten)]
+    pub placement: hitcounter_cluster::PlacementArgs,
+
+    /// Clustered mode: the replicated log on NATS JetStream (query reads the partition count
+    /// from it; --aggregator then lists the aggregators in node order).
+    #[command(flatten)]
+    pub cluster: hitcounter_cluster::ClusterArgs,
+
     /// Shared service settings.
     #[command(flatten)]
     pub service: ServiceArgs,

@@ -46,8 +46,35 @@ pub async fn serve(
         .client
         .channels()
         .map_err(|e| QueryError::Startup(e.to_string()))?;
-    let shards = Shards::new(channels, &config.client.stack_config(), max_message)
-        .map_err(|e| QueryError::Startup(e.to_string()))?;
+    // Clustered mode: the partition count comes from the cluster's log itself, so query can
+    // never route with a different one than ingest wrote with.
+    let placement = if config.cluster.enabled() {
+        let max_age = std::time::Duration::from_secs(u64::from(config.retention_seconds) + 1200);
+        let stream = hitcounter_cluster::HitStream::open(&config.cluster, max_age)
+            .await
+            .map_err(|e| QueryError::Startup(e.to_string()))?;
+        let placement = hitcounter_cluster::Placement::new(
+            stream.partitions(),
+            channels.len(),
+            config.placement.replicas,
+        );
+        tracing::info!(
+            partitions = placement.partitions,
+            aggregators = placement.nodes,
+            replicas = placement.replicas,
+            "clustered: reading partitions from their replicas"
+        );
+        Some(placement)
+    } else {
+        None
+    };
+    let shards = Shards::new(
+        channels,
+        &config.client.stack_config(),
+        max_message,
+        placement,
+    )
+    .map_err(|e| QueryError::Startup(e.to_string()))?;
     let authority = hitcounter_auth::Authority::new(&config.auth, "query", config.global_limit())
         .map_err(|e| QueryError::Startup(e.to_string()))?;
     let service = QueryService {

@@ -56,6 +56,28 @@ pub struct ClientArgs {
     /// (half-open), in milliseconds.
     #[arg(long, env = "HITCOUNTER_BREAKER_COOLDOWN_MS", default_value_t = 2000)]
     pub breaker_cooldown_ms: u64,
+
+    /// CA certificate (PEM) that signs the aggregators' certificates; needed for `https://`
+    /// aggregator addresses (and only for them).
+    #[arg(long, env = "HITCOUNTER_AGGREGATOR_CA_CERT")]
+    pub aggregator_ca_cert: Option<std::path::PathBuf>,
+
+    /// Client certificate (PEM) presented to aggregators that require one (mutual TLS, their
+    /// `--tls-client-ca`); needs `--aggregator-tls-key`.
+    #[arg(
+        long,
+        env = "HITCOUNTER_AGGREGATOR_TLS_CERT",
+        requires = "aggregator_tls_key"
+    )]
+    pub aggregator_tls_cert: Option<std::path::PathBuf>,
+
+    /// Private key (PEM) of `--aggregator-tls-cert`.
+    #[arg(
+        long,
+        env = "HITCOUNTER_AGGREGATOR_TLS_KEY",
+        requires = "aggregator_tls_cert"
+    )]
+    pub aggregator_tls_key: Option<std::path::PathBuf>,
 }
 
 impl ClientArgs {
@@ -73,9 +95,13 @@ impl ClientArgs {
 
     /// Opens a lazy gRPC channel to every shard, in shard order. Nothing is dialled until the
     /// first call, so a service starts even while its aggregators are still coming up.
+    /// `https://` addresses are dialled with TLS: the server verified against
+    /// `--aggregator-ca-cert`, and `--aggregator-tls-cert`/`-key` presented when given.
     ///
     /// # Errors
-    /// [`StackError::BadAddress`] when an address is not a valid URI.
+    /// [`StackError::BadAddress`] when an address is not a valid URI, is `https://` without a CA
+    /// (or `http://` next to TLS flags, which would silently send clear text);
+    /// or when a TLS file is missing or unusable (checked now, at start-up).
     pub fn channels(&self) -> Result<Vec<tonic::transport::Channel>, StackError> {
         if self.aggregators.is_empty() {
             return Err(StackError::BadAddress {
@@ -86,6 +112,7 @@ impl ClientArgs {
         let mut seen = std::collections::HashSet::new();
         let normal = |a: &str| {
             a.trim_start_matches("http://")
+                .trim_start_matches("https://")
                 .trim_end_matches('/')
                 .to_owned()
         };
@@ -95,6 +122,18 @@ impl ClientArgs {
                 reason: "listed twice: every shard needs its own aggregator".into(),
             });
         }
+        let tls = hitcounter_transport::tls::ClientTls {
+            ca_cert: self.aggregator_ca_cert.clone(),
+            cert: self.aggregator_tls_cert.clone(),
+            key: self.aggregator_tls_key.clone(),
+        };
+        let wants_tls = tls != hitcounter_transport::tls::ClientTls::default();
+        // Parsed once, so that a bad file fails at start-up and not at the first call.
+        let tls_config = if wants_tls {
+            Some(tls.config().map_err(|e| tls_error(&self.aggregators, &e))?)
+        } else {
+            None
+        };
         self.aggregators
             .iter()
             .map(|address| {
@@ -113,9 +152,50 @@ impl ClientArgs {
                     .connect_timeout(Duration::from_millis(self.aggregator_timeout_ms.max(1)))
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(5));
+                let https = endpoint.uri().scheme_str() == Some("https");
+                let endpoint = match (&tls_config, https) {
+                    (Some(config), true) if self.aggregator_ca_cert.is_some() => endpoint
+                        .tls_config(config.clone())
+                        .map_err(|e| StackError::BadAddress {
+                            address: address.clone(),
+                            reason: format!("TLS settings: {e}"),
+                        })?,
+                    (_, true) => {
+                        return Err(StackError::BadAddress {
+                            address: address.clone(),
+                            reason: "an https:// aggregator needs --aggregator-ca-cert (the CA \
+                                     that signs its certificate)"
+                                .into(),
+                        })
+                    }
+                    (Some(_), false) => {
+                        return Err(StackError::BadAddress {
+                            address: address.clone(),
+                            reason: "aggregator TLS flags are set but this address is not \
+                                     https://: write https:// to use TLS"
+                                .into(),
+                        })
+                    }
+                    (None, false) => endpoint,
+                };
                 Ok(hitcounter_transport::connect_lazy(&endpoint))
             })
             .collect()
+    }
+}
+
+/// A TLS file error as a [`StackError`]. `BadAddress` (with the whole error chain in its
+/// reason) rather than a variant of its own: callers match on `StackError` exhaustively.
+fn tls_error(addresses: &[String], error: &hitcounter_transport::tls::TlsError) -> StackError {
+    let mut reason = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        reason = format!("{reason}: {cause}");
+        source = cause.source();
+    }
+    StackError::BadAddress {
+        address: addresses.join(","),
+        reason,
     }
 }
 

@@ -7,8 +7,8 @@
 //! - [`server`]: the gRPC server every service runs (health, reflection, metrics, drain), and
 //!   its tower stack: bearer-token authentication (`hitcounter-auth`) on the public ports.
 //! - [`ServiceArgs`]: the command-line knobs every service has (log format, metrics address,
-//!   drain deadline, message size limit, runtime worker threads), and the tokio runtime built
-//!   from them ([`ServiceArgs::runtime`]).
+//!   drain deadline, message size limit, runtime worker threads, TLS files), and the tokio
+//!   runtime built from them ([`ServiceArgs::runtime`]).
 
 pub mod logging;
 pub mod metrics;
@@ -16,8 +16,9 @@ pub mod rpc;
 pub mod server;
 pub mod shutdown;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+pub use hitcounter_transport::tls::{ServerTls, TlsError};
 pub use tokio_util::sync::CancellationToken;
 
 /// Command-line and environment settings every service shares; flattened into each service's
@@ -48,6 +49,75 @@ pub struct ServiceArgs {
     /// faster there). Scale query out with more replicas, or up with this flag.
     #[arg(long, env = "HITCOUNTER_WORKER_THREADS")]
     pub worker_threads: Option<std::num::NonZeroUsize>,
+
+    /// Serve gRPC over TLS with this certificate chain (PEM, leaf first); needs `--tls-key`.
+    /// Re-read, with the key and client CA, on SIGHUP: new connections get the new certificate,
+    /// open ones (streams included) are left alone.
+    #[arg(long, env = "HITCOUNTER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `--tls-cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "HITCOUNTER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Require client certificates signed by this CA (PEM): mutual TLS, for the internal
+    /// aggregator port. Needs `--tls-cert`.
+    #[arg(long, env = "HITCOUNTER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Connections open at once on the gRPC port; one more is closed as soon as it is accepted,
+    /// logged and counted (`hitcounter_grpc_connections_refused_total`).
+    #[arg(long, env = "HITCOUNTER_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
+
+    /// HTTP/2 streams (calls in flight) per connection; the client is told the limit in the
+    /// connection's settings and a stream beyond it is refused (REFUSED_STREAM).
+    #[arg(
+        long,
+        env = "HITCOUNTER_MAX_CONCURRENT_STREAMS",
+        default_value_t = 1024
+    )]
+    pub max_concurrent_streams: u32,
+
+    /// How often the server pings an HTTP/2 connection to find dead peers, in seconds; 0 never.
+    #[arg(
+        long,
+        env = "HITCOUNTER_HTTP2_KEEPALIVE_INTERVAL_SECONDS",
+        default_value_t = 60
+    )]
+    pub http2_keepalive_interval_seconds: u64,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed, in seconds.
+    #[arg(
+        long,
+        env = "HITCOUNTER_HTTP2_KEEPALIVE_TIMEOUT_SECONDS",
+        default_value_t = 20
+    )]
+    pub http2_keepalive_timeout_seconds: u64,
+}
+
+/// The HTTP/2 and connection limits of one gRPC server (see the `ServiceArgs` flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Connections open at once.
+    pub max_connections: usize,
+    /// Streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Keepalive ping period; `None` never pings.
+    pub keepalive_interval: Option<Duration>,
+    /// Keepalive ping deadline.
+    pub keepalive_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_concurrent_streams: 1024,
+            keepalive_interval: Some(Duration::from_secs(60)),
+            keepalive_timeout: Duration::from_secs(20),
+        }
+    }
 }
 
 /// How many worker threads a service runs when `--worker-threads` is not given.
@@ -79,6 +149,35 @@ impl ServiceArgs {
             .worker_threads(self.worker_threads(default))
             .enable_all()
             .build()
+    }
+
+    /// The server limits these flags set.
+    pub fn server_limits(&self) -> ServerLimits {
+        ServerLimits {
+            max_connections: self.max_connections.max(1),
+            max_concurrent_streams: self.max_concurrent_streams.max(1),
+            keepalive_interval: (self.http2_keepalive_interval_seconds > 0)
+                .then(|| Duration::from_secs(self.http2_keepalive_interval_seconds)),
+            keepalive_timeout: Duration::from_secs(self.http2_keepalive_timeout_seconds.max(1)),
+        }
+    }
+
+    /// The TLS configuration of `--tls-cert`/`--tls-key`/`--tls-client-ca`, loaded now, or
+    /// `None` to serve plain text.
+    ///
+    /// # Errors
+    /// [`TlsError`] naming the file that is missing or unusable (a key that does not fit the
+    /// certificate, a file that is not PEM): a start-up failure.
+    pub fn server_tls(&self) -> Result<Option<ServerTls>, TlsError> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        ServerTls::load(hitcounter_transport::tls::ServerTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        })
+        .map(Some)
     }
 
     /// The drain deadline as a [`Duration`].
@@ -148,6 +247,10 @@ pub struct Listeners {
     pub grpc: tokio::net::TcpListener,
     /// The `/metrics` listener, if the endpoint is enabled.
     pub metrics: Option<tokio::net::TcpListener>,
+    /// When set, the gRPC listener serves TLS with it (see [`Listeners::configured`]).
+    pub tls: Option<ServerTls>,
+    /// The gRPC server's connection and HTTP/2 limits.
+    pub limits: ServerLimits,
 }
 
 impl Listeners {
@@ -167,7 +270,23 @@ impl Listeners {
             ),
             None => None,
         };
-        Ok(Self { grpc, metrics })
+        Ok(Self {
+            grpc,
+            metrics,
+            tls: None,
+            limits: ServerLimits::default(),
+        })
+    }
+
+    /// These listeners serving TLS (plain text without `--tls-cert`) with the limits that
+    /// `service`'s flags say.
+    ///
+    /// # Errors
+    /// [`TlsError`] when the TLS files are missing or unusable.
+    pub fn configured(mut self, service: &ServiceArgs) -> Result<Self, TlsError> {
+        self.tls = service.server_tls()?;
+        self.limits = service.server_limits();
+        Ok(self)
     }
 }
 

@@ -9,11 +9,13 @@
 //! The server-side tower stack is composed here, in one place, outermost first:
 //!
 //! ```text
-//!  connection (hitcounter-transport: TCP_NODELAY, one write per flush; TLS will wrap it here)
-//!   └─ AuthenticateLayer   public ports only: bearer token → Principal, or UNAUTHENTICATED
-//!       └─ routes          own service | health | reflection | "served elsewhere" fallback
-//!           └─ handler     decodes, then role / key scope / quota checks of the Principal,
-//!                          per-RPC metrics (rpc::observe) and the service's own work
+//!  connection (hitcounter-transport: TCP_NODELAY, one write per flush)
+//!   └─ TLS                   when the listeners carry a ServerTls (--tls-cert/--tls-key, and
+//!       │                    --tls-client-ca for mutual TLS); re-read on SIGHUP
+//!       └─ AuthenticateLayer public ports only: bearer token → Principal, or UNAUTHENTICATED
+//!           └─ routes        own service | health | reflection | "served elsewhere" fallback
+//!               └─ handler   decodes, then role / key scope / quota checks of the Principal,
+//!                            per-RPC metrics (rpc::observe) and the service's own work
 //! ```
 
 use std::sync::Arc;
@@ -36,6 +38,9 @@ pub enum ServeError {
     /// The gRPC transport failed.
     #[error("grpc server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The SIGHUP handler (certificate reload) could not be installed.
+    #[error("cannot listen for SIGHUP (TLS certificate reload)")]
+    Signal(#[source] std::io::Error),
 }
 
 /// Serves the internal `service` (the aggregator's, reached only by ingest and query inside the
@@ -167,13 +172,50 @@ where
                 ))
             },
         ));
-    let server = tonic::transport::Server::builder()
+    let limits = listeners.limits;
+    // The limits are flags; their values are published so that a dashboard can show the
+    // headroom next to `hitcounter_grpc_connections_open`.
+    metrics::gauge!("hitcounter_grpc_max_concurrent_streams", "service" => S::NAME)
+        .set(f64::from(limits.max_concurrent_streams));
+    metrics::gauge!("hitcounter_grpc_keepalive_interval_seconds", "service" => S::NAME)
+        .set(limits.keepalive_interval.map_or(0.0, |i| i.as_secs_f64()));
+    metrics::gauge!("hitcounter_grpc_keepalive_timeout_seconds", "service" => S::NAME)
+        .set(limits.keepalive_timeout.as_secs_f64());
+    let connections = hitcounter_transport::ConnectionLimit::new(limits.max_connections, S::NAME);
+    let router = tonic::transport::Server::builder()
+        // A client cannot open more calls on one connection than this (REFUSED_STREAM beyond).
+        .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        // Pings find peers that vanished without a FIN (a dead host, a dropped NAT entry), so
+        // their connections and streams do not hold a place under --max-connections forever.
+        .http2_keepalive_interval(limits.keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
         .layer(layer)
-        .add_routes(routes.into())
-        .serve_with_incoming_shutdown(
-            hitcounter_transport::incoming(listeners.grpc),
-            shutdown.clone().cancelled_owned(),
-        );
+        .add_routes(routes.into());
+    let stopped = shutdown.clone().cancelled_owned();
+    let server: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = match listeners.tls
+    {
+        Some(tls) => {
+            // Installed before SERVING, so that a SIGHUP sent once the port answers cannot
+            // find the default action (which ends the process).
+            let hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(ServeError::Signal)?;
+            tracing::info!(
+                cert = %tls.files().cert.display(),
+                client_certs = if tls.requires_client_certs() { "required" } else { "not asked for" },
+                service = S::NAME,
+                "serving TLS"
+            );
+            tokio::spawn(reload_on_hangup(tls.clone(), hangups, shutdown.clone()));
+            Box::pin(router.serve_with_incoming_shutdown(
+                hitcounter_transport::tls::incoming_tls(listeners.grpc, tls, Some(connections)),
+                stopped,
+            ))
+        }
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            hitcounter_transport::incoming_limited(listeners.grpc, Some(connections)),
+            stopped,
+        )),
+    };
     health.set_serving::<S>().await;
     let not_serving = async {
         shutdown.cancelled().await;
@@ -185,6 +227,36 @@ where
     };
     let (served, ()) = tokio::join!(server.instrument(tracing::info_span!("grpc")), not_serving);
     Ok(served?)
+}
+
+/// Re-reads the TLS files on every SIGHUP until `shutdown`. New handshakes get the new
+/// certificate; open connections keep theirs. A reload that fails (a half-written file, a key
+/// that does not fit) keeps the certificate in force and says why.
+async fn reload_on_hangup(
+    tls: hitcounter_transport::tls::ServerTls,
+    mut hangups: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            received = hangups.recv() => if received.is_none() { return },
+        }
+        match tls.reload() {
+            Ok(()) => {
+                metrics::counter!("hitcounter_tls_reloads_total", "outcome" => "ok").increment(1);
+                tracing::info!(cert = %tls.files().cert.display(), "SIGHUP: reloaded the TLS certificate");
+            }
+            Err(error) => {
+                metrics::counter!("hitcounter_tls_reloads_total", "outcome" => "failed")
+                    .increment(1);
+                tracing::error!(
+                    error = %error,
+                    "SIGHUP: cannot reload the TLS certificate; the previous one stays in force"
+                );
+            }
+        }
+    }
 }
 
 /// The message of a call to `path` (`/package.Service/Method`) that this port, serving

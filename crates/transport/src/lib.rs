@@ -15,8 +15,17 @@
 //! is one scheduler turn (microseconds) and bounded: a second flush always writes. The buffer is
 //! bounded too ([`MAX_BUFFERED_BYTES`]); past it, writes go through to the socket.
 //!
-//! Clients get their [`tonic::transport::Channel`] from [`connect`] or [`connect_lazy`];
-//! servers wrap their listener with [`incoming`].
+//! Clients get their [`tonic::transport::Channel`] from [`connect`] or [`connect_lazy`] (with
+//! [`tls::ClientTls`] applied to the endpoint for `https://`: tonic runs the TLS client on top of
+//! our connection); servers wrap their listener with [`incoming`], or with [`tls::incoming_tls`]
+//! to serve TLS (the handshake runs on top of the [`CoalescingStream`], so every TLS flush is
+//! still one write).
+
+pub mod tls;
+
+mod limit;
+
+pub use limit::{ConnectionLimit, ConnectionPermit};
 
 use std::{
     io,
@@ -50,6 +59,8 @@ pub struct CoalescingStream<S> {
     written: usize,
     /// The current flush has already yielded once.
     yielded: bool,
+    /// This connection's place under `--max-connections`, given back when it is dropped.
+    _permit: Option<ConnectionPermit>,
 }
 
 impl<S> CoalescingStream<S> {
@@ -60,6 +71,15 @@ impl<S> CoalescingStream<S> {
             pending: Vec::new(),
             written: 0,
             yielded: false,
+            _permit: None,
+        }
+    }
+
+    /// Wraps `inner`, holding `permit` (a place under a connection limit) while it lives.
+    pub fn with_permit(inner: S, permit: ConnectionPermit) -> Self {
+        Self {
+            _permit: Some(permit),
+            ..Self::new(inner)
         }
     }
 
@@ -177,7 +197,12 @@ async fn dial(uri: Uri) -> io::Result<TokioIo<CoalescingStream<TcpStream>>> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("no host in {uri}")))?;
     // `[::1]` in a URI is `::1` to the resolver.
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = uri.port_u16().unwrap_or(80);
+    let default_port = if uri.scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let port = uri.port_u16().unwrap_or(default_port);
     let stream = TcpStream::connect((host, port)).await?;
     stream.set_nodelay(true)?;
     Ok(TokioIo::new(CoalescingStream::new(stream)))
@@ -206,10 +231,42 @@ pub async fn connect(endpoint: &Endpoint) -> Result<Channel, tonic::transport::E
 pub fn incoming(
     listener: tokio::net::TcpListener,
 ) -> impl Stream<Item = io::Result<CoalescingStream<TcpStream>>> + Send + 'static {
+    incoming_limited(listener, None)
+}
+
+/// [`incoming`], with at most `limit` connections open at once: a connection over the limit is
+/// closed as soon as it is accepted, logged and counted (see [`ConnectionLimit`]).
+pub fn incoming_limited(
+    listener: tokio::net::TcpListener,
+    limit: Option<ConnectionLimit>,
+) -> impl Stream<Item = io::Result<CoalescingStream<TcpStream>>> + Send + 'static {
+    accepted(listener, limit).map(|accepted| {
+        accepted.map(|(stream, permit)| match permit {
+            Some(permit) => CoalescingStream::with_permit(stream, permit),
+            None => CoalescingStream::new(stream),
+        })
+    })
+}
+
+/// The TCP connections accepted on `listener` (`TCP_NODELAY`, keepalive) that fit under
+/// `limit`, each with its permit; the others are refused here.
+fn accepted(
+    listener: tokio::net::TcpListener,
+    limit: Option<ConnectionLimit>,
+) -> impl Stream<Item = io::Result<(TcpStream, Option<ConnectionPermit>)>> + Send + 'static {
     TcpIncoming::from(listener)
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
-        .map(|accepted| accepted.map(CoalescingStream::new))
+        .filter_map(move |accepted| {
+            let admitted = match (accepted, &limit) {
+                (Err(error), _) => Some(Err(error)),
+                (Ok(stream), None) => Some(Ok((stream, None))),
+                (Ok(stream), Some(limit)) => limit
+                    .admit(&stream)
+                    .map(|permit| Ok((stream, Some(permit)))),
+            };
+            std::future::ready(admitted)
+        })
 }
 
 #[cfg(test)]

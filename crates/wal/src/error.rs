@@ -47,6 +47,16 @@ pub enum LogError {
         /// [`crate::Log::next_seq`] at the time.
         next: u64,
     },
+    /// The file system is full: nothing of the batch was written (a partly written prefix was
+    /// cut off again) and the log stays usable. Try again once space is freed.
+    #[error("no space left on the device holding {}: nothing of the batch was written", path.display())]
+    NoSpace {
+        /// The segment being appended to.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
     /// A payload is longer than [`crate::MAX_RECORD_BYTES`]; nothing of the batch was written.
     #[error("record payload of {len} bytes exceeds the maximum of {max} bytes")]
     RecordTooLarge {

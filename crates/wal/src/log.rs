@@ -126,6 +126,9 @@ pub struct Log {
     /// A segment was created since the directory was last fsynced.
     dir_dirty: bool,
     last_sync: Instant,
+    /// The seqs of the last append and the active segment's length before it, while it can
+    /// still be undone ([`Log::undo_append`]): cleared by a sync or a roll.
+    last_append: Option<(Range<u64>, u64)>,
     poison: Poison,
     scratch: Vec<u8>,
 }
@@ -256,6 +259,7 @@ impl Log {
             data_dirty: false,
             dir_dirty: false,
             last_sync: Instant::now(),
+            last_append: None,
             poison: Arc::new(OnceLock::new()),
             scratch: Vec::new(),
         };
@@ -308,6 +312,20 @@ impl Log {
         }
         let offset = self.active.bytes;
         if let Err(source) = self.active_file.write_all(&self.scratch) {
+            // A full file system refused the write: the kernel wrote nothing or a prefix, and
+            // nothing it had before is in doubt (unlike a failed fsync). Cutting the prefix off
+            // puts the file back on the record boundary it had, so the log goes on: the caller
+            // refuses this batch and may try again once space is freed. Readers never read past
+            // a seq the writer reported appended, and re-read before calling a record bad, so
+            // bytes they may have buffered from the cut prefix do not matter.
+            if source.kind() == std::io::ErrorKind::StorageFull
+                && self.active_file.set_len(offset).is_ok()
+            {
+                return Err(LogError::NoSpace {
+                    path: self.active.path.clone(),
+                    source,
+                });
+            }
             // Part of the batch may be in the file. Cut it off so the file ends on a record
             // boundary again; but readers may already have buffered those bytes, and the
             // kernel's view of the file is uncertain, so the log is poisoned either way and
@@ -329,6 +347,7 @@ impl Log {
                 source,
             });
         }
+        self.last_append = Some((start..end, offset));
         self.active.bytes += batch_bytes;
         self.next_seq = end;
         self.data_dirty = true;
@@ -336,6 +355,45 @@ impl Log {
             self.scratch = Vec::new();
         }
         Ok(start..end)
+    }
+
+    /// Takes back the records of the last [`Log::append`], `appended` being the range it
+    /// returned, as long as nothing was synced, rolled or trimmed since: the active segment is
+    /// cut back to where they began and fsynced, so that they cannot reappear after an OS
+    /// crash. For a caller whose batch is half-written across two logs (the second one's
+    /// append failed, e.g. a full disk) and must leave both as they were. Needs no free space.
+    ///
+    /// # Errors
+    /// [`LogError::Io`] (`op` "undo append") when `appended` is not the last append or some of
+    /// it was synced since, or when the truncation fails (the log is then poisoned).
+    pub fn undo_append(&mut self, appended: Range<u64>) -> Result<(), LogError> {
+        self.check_poison()?;
+        let Some((last, offset)) = self.last_append.take() else {
+            return Err(LogError::io("undo append", &self.active.path)(
+                std::io::Error::other("nothing to undo"),
+            ));
+        };
+        if last != appended || self.durable_seq >= last.start || last.end != self.next_seq {
+            return Err(LogError::io("undo append", &self.active.path)(
+                std::io::Error::other(format!(
+                    "seqs {appended:?} are not the last unsynced append ({last:?})"
+                )),
+            ));
+        }
+        let truncated = self
+            .active_file
+            .set_len(offset)
+            .and_then(|()| self.active_file.sync_data());
+        if let Err(source) = truncated {
+            self.set_poison(format!(
+                "undoing an append to {} failed: {source}",
+                self.active.path.display()
+            ));
+            return Err(LogError::io("undo append", &self.active.path)(source));
+        }
+        self.active.bytes = offset;
+        self.next_seq = last.start;
+        Ok(())
     }
 
     /// Makes appended records durable according to the policy:
@@ -518,6 +576,7 @@ impl Log {
         }
         self.durable_seq = self.next_seq - 1;
         self.last_sync = Instant::now();
+        self.last_append = None;
         Ok(())
     }
 
@@ -552,6 +611,7 @@ impl Log {
             self.dir_dirty = false;
         }
         self.durable_seq = self.next_seq - 1;
+        self.last_append = None;
         let (segment, file) = create_segment(&*self.storage, &self.dir, self.next_seq)?;
         tracing::debug!(file = %segment.path.display(), "rolled to a new segment");
         let sealed = std::mem::replace(&mut self.active, segment);

@@ -534,6 +534,12 @@ impl WindowStore {
         true
     }
 
+    /// Whether the store holds `key` (a key is held while it has at least one counter): adding
+    /// hits of a key held never meets the key limit.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.find_entry(key).is_some()
+    }
+
     /// Number of keys held (every key held has at least one counter).
     pub fn key_count(&self) -> usize {
         self.tables.iter().map(hashbrown::HashTable::len).sum()

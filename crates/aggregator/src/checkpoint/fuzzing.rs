@@ -165,6 +165,7 @@ impl ApplyModel {
         let state = State {
             taken_at_ms: 0,
             producers: self.applied.snapshot(),
+            positions: Vec::new(),
             stores: vec![self.store.image()],
         };
         write_in(storage.as_ref(), &dir, &state)?;

@@ -7,6 +7,10 @@
 //! split by shard and handed, with the requests waiting for them, to the `log` stage. A full
 //! flush channel makes the flush wait, and while it waits this stage reads nothing, so the hits
 //! channel fills and the gRPC edge slows down: backpressure end to end.
+//!
+//! In clustered mode (`keep_apart`) a request with a batch id is summed on its own and kept
+//! apart from the merged deltas (see `Flush::apart`), at most `max_apart` per flush (each
+//! becomes a marker message of the flush's atomic batch, which holds at most 1000 messages).
 
 use std::{collections::HashMap, time::Duration};
 
@@ -15,7 +19,7 @@ use hitcounter_proto::aggregator::v1::Delta;
 use hitcounter_stack::shard::shard_of;
 use tokio::time::Instant;
 
-use super::{Durable, Flush, Pending};
+use super::{Apart, Durable, Flush, Pending};
 use crate::error::IngestError;
 
 /// Settings of the combine stage.
@@ -23,6 +27,10 @@ use crate::error::IngestError;
 pub(crate) struct CombineSettings {
     pub(crate) max_deltas: usize,
     pub(crate) interval: Duration,
+    /// Clustered mode: keep requests with a batch id apart.
+    pub(crate) keep_apart: bool,
+    /// Most requests kept apart in one flush.
+    pub(crate) max_apart: usize,
 }
 
 type Merged = HashMap<(String, i64), u64, foldhash::fast::RandomState>;
@@ -38,6 +46,7 @@ pub(crate) async fn run(
     let mut pending = Merged::default();
     let mut waiters = Vec::new();
     let mut batch_ids = Vec::new();
+    let mut apart = Vec::new();
     let hits_in = metrics::counter!("hitcounter_ingest_combined_hits_total");
     let deltas_out = metrics::counter!("hitcounter_ingest_combined_deltas_total");
     let max_deltas = settings.max_deltas.max(1);
@@ -47,16 +56,26 @@ pub(crate) async fn run(
             break;
         };
         hits_in.increment(request.hits.len() as u64);
-        take(&mut pending, &mut waiters, &mut batch_ids, request);
+        let mut held = take(
+            &mut pending,
+            &mut waiters,
+            &mut batch_ids,
+            &mut apart,
+            request,
+            settings.keep_apart,
+        );
         let deadline = Instant::now() + settings.interval;
         // The deadline is checked on every turn: with input always ready, `select!` alone could
         // keep taking batches and never see the timer fire.
-        while pending.len() < max_deltas && Instant::now() < deadline {
+        while pending.len() + held < max_deltas
+            && apart.len() < settings.max_apart.max(1)
+            && Instant::now() < deadline
+        {
             tokio::select! {
                 next = hits.recv() => match next {
                     Some(request) => {
                         hits_in.increment(request.hits.len() as u64);
-                        take(&mut pending, &mut waiters, &mut batch_ids, request);
+                        held += take(&mut pending, &mut waiters, &mut batch_ids, &mut apart, request, settings.keep_apart);
                     }
                     None => {
                         open = false;
@@ -66,11 +85,12 @@ pub(crate) async fn run(
                 _ = tokio::time::sleep_until(deadline) => break,
             }
         }
-        deltas_out.increment(pending.len() as u64);
+        deltas_out.increment((pending.len() + held) as u64);
         let flush = Flush {
             shards: split(&mut pending, shards),
             waiters: std::mem::take(&mut waiters),
             batch_ids: std::mem::take(&mut batch_ids),
+            apart: std::mem::take(&mut apart),
         };
         flushes
             .send(flush)
@@ -81,18 +101,50 @@ pub(crate) async fn run(
     Ok(())
 }
 
+/// Takes one request into the flush being built; returns the deltas it added apart from
+/// `pending` (clustered mode's requests with a batch id).
 fn take(
     pending: &mut Merged,
     waiters: &mut Vec<Durable>,
     batch_ids: &mut Vec<super::Claimed>,
+    apart: &mut Vec<Apart>,
     request: Pending,
-) {
-    for hit in request.hits {
+    keep_apart: bool,
+) -> usize {
+    let Pending {
+        hits,
+        done,
+        batch_id,
+    } = request;
+    let batch_id = match (keep_apart, batch_id) {
+        (true, Some(claimed)) => Err(claimed),
+        (_, batch_id) => Ok(batch_id),
+    };
+    if let Err(claimed) = batch_id {
+        let mut own = Merged::default();
+        for hit in hits {
+            let slot = own.entry((hit.key, hit.second)).or_insert(0);
+            *slot = slot.saturating_add(hit.count);
+        }
+        let deltas: Vec<Delta> = own
+            .into_iter()
+            .map(|((key, second), count)| Delta { key, second, count })
+            .collect();
+        let added = deltas.len();
+        apart.push(Apart {
+            deltas,
+            done,
+            claimed,
+        });
+        return added;
+    }
+    for hit in hits {
         let slot = pending.entry((hit.key, hit.second)).or_insert(0);
         *slot = slot.saturating_add(hit.count);
     }
-    waiters.push(request.done);
-    batch_ids.extend(request.batch_id);
+    waiters.push(done);
+    batch_ids.extend(batch_id.ok().flatten());
+    0
 }
 
 fn split(pending: &mut Merged, shards: usize) -> Vec<Vec<Delta>> {
@@ -151,6 +203,8 @@ mod tests {
         let settings = CombineSettings {
             max_deltas: 1000,
             interval: Duration::from_millis(5),
+            keep_apart: false,
+            max_apart: 1,
         };
         let stage = tokio::spawn(run(hits_rx, flush_tx, 2, settings));
         let ledger = crate::ledger::BatchLedger::new(Duration::from_secs(600), 10);

@@ -28,6 +28,17 @@
 //! that can never fill (which used to stop it from ever reporting anything durable again, so
 //! ingest stopped trimming and, once the log budget was full, refused every write).
 //!
+//! An aggregator at its key limit refuses a batch whose new keys do not fit, whole (the ack
+//! carries `key_limit_refusal`; nothing of the batch was applied). That is treated like an
+//! unavailable aggregator: the batch is retried with the same backoff, the log keeps it and
+//! everything after it, and once the log reaches its budget clients get `RESOURCE_EXHAUSTED`
+//! "aggregator key limit reached on shard N: …" (the reason is shared with the log stage
+//! through [`KeyLimits`]). When keys age out of the aggregator's retention, or it restarts with
+//! a higher limit, the retry goes through and the backlog drains. Shown by
+//! `hitcounter_ingest_aggregator_key_limit_reached{shard}` (1 while refused),
+//! `hitcounter_ingest_forward_failures_total{kind="key_limit"}` and an error log at most once
+//! a minute per shard.
+//!
 //! A failed delivery is retried with capped backoff for as long as it takes (while the breaker is
 //! open each attempt fails at once, cheaply); nothing is ever dropped here, because the log keeps
 //! every batch until the aggregator holds it durably. At shutdown the forwarder stops once it has
@@ -46,7 +57,7 @@ use tower::ServiceExt;
 
 use super::{
     encoded::EncodedBatch,
-    log::{lock, SharedLogs},
+    log::{lock, KeyLimits, SharedLogs},
 };
 use crate::error::IngestError;
 
@@ -70,6 +81,8 @@ pub(crate) struct Forwarder {
     pub(crate) durable: watch::Sender<u64>,
     /// Cancelled when the drain deadline passes: stop, leaving the rest in the log.
     pub(crate) abandon: CancellationToken,
+    /// Where this forwarder says that its aggregator refuses batches at its key limit.
+    pub(crate) key_limits: Arc<KeyLimits>,
 }
 
 impl Forwarder {
@@ -297,19 +310,59 @@ impl Forwarder {
         let shard = self.shard.to_string();
         let mut backoff = Duration::from_millis(10);
         let mut attempt = 0u64;
+        let mut refused = false;
+        let reached = metrics::gauge!(
+            "hitcounter_ingest_aggregator_key_limit_reached",
+            "shard" => shard.clone()
+        );
         loop {
             attempt += 1;
             match self.stack.clone().oneshot(batch.clone()).await {
+                Ok(ack) if !ack.key_limit_refusal.is_empty() => {
+                    // Not applied: keep it and try again, like an unavailable aggregator.
+                    refused = true;
+                    reached.set(1.0);
+                    metrics::counter!(
+                        "hitcounter_ingest_forward_failures_total",
+                        "shard" => shard.clone(),
+                        "kind" => "key_limit"
+                    )
+                    .increment(1);
+                    if self.key_limits.should_log(self.shard) {
+                        tracing::error!(
+                            shard = self.shard,
+                            seq = batch.seq,
+                            why = %ack.key_limit_refusal,
+                            "the aggregator refuses batches at its key limit: they stay in the \
+                             log and are retried; clients get RESOURCE_EXHAUSTED once the log is \
+                             full (raise its --max-keys, add shards, or wait for keys to age \
+                             out; logged at most once a minute)"
+                        );
+                    }
+                    self.key_limits.set(self.shard, Some(ack.key_limit_refusal));
+                }
                 Ok(ack) => {
+                    if refused {
+                        self.key_limits.set(self.shard, None);
+                        reached.set(0.0);
+                        tracing::info!(
+                            shard = self.shard,
+                            seq = batch.seq,
+                            attempt,
+                            "a batch refused at the aggregator's key limit went through"
+                        );
+                    }
                     metrics::counter!("hitcounter_ingest_forwarded_hits_total", "shard" => shard)
                         .increment(if ack.duplicate { 0 } else { hits });
                     if ack.dropped > 0 {
-                        metrics::counter!("hitcounter_ingest_deltas_dropped_total", "reason" => "aggregator_key_limit")
+                        // Only deltas that can never apply (a second out of range, which
+                        // validation rules out): the key limit refuses instead of dropping.
+                        metrics::counter!("hitcounter_ingest_deltas_dropped_total", "reason" => "aggregator_invalid")
                             .increment(ack.dropped);
                         tracing::error!(
                             shard = self.shard,
                             dropped = ack.dropped,
-                            "aggregator at its key limit dropped deltas"
+                            "the aggregator dropped deltas it cannot apply"
                         );
                     }
                     if attempt > 1 {

@@ -14,8 +14,14 @@
 //! forwarders keep the log until an aggregator reports a batch durable, and this stage trims
 //! whole segments up to that point.
 //!
-//! I/O errors are fatal for the stage (the service then exits non-zero): after a failed fsync
-//! the log cannot be trusted, and a restart re-reads it with checksums.
+//! A full disk is not fatal: a write the file system refuses for lack of space leaves nothing
+//! of the flush in either log (the WAL cuts a partly written record off, and a flush whose
+//! ledger append fails is taken back out of the main log), its requests get
+//! `RESOURCE_EXHAUSTED` ("the disk holding the ingest log is full"), and the next flush tries
+//! again: writing resumes by itself once trimming (as the aggregators checkpoint) or an operator
+//! frees space. Counted in `hitcounter_ingest_log_disk_full_total`, logged at most once a
+//! minute. Other I/O errors are fatal for the stage (the service then exits non-zero): after a
+//! failed fsync the log cannot be trusted, and a restart re-reads it with checksums.
 
 use std::{
     collections::VecDeque,
@@ -36,6 +42,61 @@ use crate::error::IngestError;
 pub(crate) struct Logs {
     pub(crate) main: Log,
     pub(crate) ledger: Log,
+    /// Why shards' aggregators refuse batches at their key limit, shared with the forwarders
+    /// (which take a handle at start): a full log then says so to the clients.
+    pub(crate) key_limits: Arc<KeyLimits>,
+}
+
+/// Per shard: the aggregator's reason while it refuses this ingest's batches at its key limit.
+#[derive(Debug, Default)]
+pub(crate) struct KeyLimits {
+    shards: Mutex<Vec<Option<String>>>,
+    /// Per shard: when its refusal was last logged as an error (at most once a minute).
+    logged: Mutex<Vec<Option<Instant>>>,
+}
+
+impl KeyLimits {
+    /// Per-shard notes for `shards` shards, none set.
+    pub(crate) fn new(shards: usize) -> Self {
+        Self {
+            shards: Mutex::new(vec![None; shards]),
+            logged: Mutex::new(vec![None; shards]),
+        }
+    }
+
+    /// Whether a refusal of `shard` should be logged now (once a minute at most): every
+    /// forwarder retries its refused batches every second.
+    pub(crate) fn should_log(&self, shard: usize) -> bool {
+        let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(slot) = logged.get_mut(shard) else {
+            return false;
+        };
+        if slot.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+            return false;
+        }
+        *slot = Some(Instant::now());
+        true
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<Option<String>>> {
+        // Only whole slots are replaced under it: a poisoned vector is still right.
+        self.shards.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets (`Some`) or clears (`None`) the note of `shard`.
+    pub(crate) fn set(&self, shard: usize, why: Option<String>) {
+        if let Some(slot) = self.lock().get_mut(shard) {
+            *slot = why;
+        }
+    }
+
+    /// "aggregator key limit reached on shard N: …" for the first shard refusing, if any.
+    pub(crate) fn describe(&self) -> Option<String> {
+        self.lock().iter().enumerate().find_map(|(shard, why)| {
+            why.as_ref()
+                .map(|why| format!("aggregator key limit reached on shard {shard}: {why}"))
+        })
+    }
 }
 
 /// The logs, shared by the log stage (the only writer) and the forwarders (which open readers).
@@ -96,6 +157,8 @@ pub(crate) struct LogStage {
     pub(crate) horizon: Duration,
     /// When the background sync last ran.
     pub(crate) last_background_sync: Mutex<Instant>,
+    /// When a full disk was last logged (at most once a minute).
+    pub(crate) disk_full_logged: Mutex<Option<Instant>>,
 }
 
 impl LogStage {
@@ -167,7 +230,11 @@ impl LogStage {
             shards,
             waiters,
             batch_ids,
+            apart,
         } = flush;
+        // Only clustered mode keeps requests apart (combine is told so); here the ledger alone
+        // judges batch ids.
+        debug_assert!(apart.is_empty(), "the local log got requests kept apart");
         let now_ms = wall_ms();
         let record = LoggedFlush {
             shards: shards
@@ -196,9 +263,12 @@ impl LogStage {
         let mut logs = lock(&self.logs);
         let used = logs.main.size_bytes() + logs.ledger.size_bytes();
         if used + adding > self.budget {
-            let error = DurableError::Full {
-                used,
-                budget: self.budget,
+            let error = match logs.key_limits.describe() {
+                Some(why) => DurableError::KeyLimit(why),
+                None => DurableError::Full {
+                    used,
+                    budget: self.budget,
+                },
             };
             metrics::counter!("hitcounter_ingest_log_full_total").increment(1);
             for waiter in waiters {
@@ -207,12 +277,25 @@ impl LogStage {
             return Ok((None, Vec::new()));
         }
         let result = (|| -> Result<_, LogError> {
-            logs.main.append(&[record.as_slice()])?;
-            logs.main.sync()?;
-            let mut times = Vec::with_capacity(ledger.len());
+            // Both appends before either sync: if the ledger's fails for lack of space, the
+            // flush's record is taken back out of the main log (not synced yet, so nothing has
+            // read it), and the flush is refused whole, in neither log.
+            let appended = logs.main.append(&[record.as_slice()])?;
+            let mut seqs = None;
             if !ledger.is_empty() {
                 let records: Vec<&[u8]> = ledger.iter().map(Vec::as_slice).collect();
-                let seqs = logs.ledger.append(&records)?;
+                match logs.ledger.append(&records) {
+                    Ok(appended) => seqs = Some(appended),
+                    Err(full @ LogError::NoSpace { .. }) => {
+                        logs.main.undo_append(appended)?;
+                        return Err(full);
+                    }
+                    Err(error) => return Err(error),
+                }
+            }
+            logs.main.sync()?;
+            let mut times = Vec::with_capacity(ledger.len());
+            if let Some(seqs) = seqs {
                 logs.ledger.sync()?;
                 let recorded = Instant::now();
                 times.extend(seqs.map(|seq| (seq, recorded)));
@@ -231,6 +314,36 @@ impl LogStage {
                     let _ = waiter.send(Ok(()));
                 }
                 Ok(done)
+            }
+            Err(error @ LogError::NoSpace { .. }) => {
+                // Nothing of the flush is in either log, and the logs stay usable: refuse these
+                // requests and go on; writes succeed again once the forwarders' progress lets
+                // the log trim, or an operator frees space.
+                metrics::counter!("hitcounter_ingest_log_disk_full_total").increment(1);
+                let first = {
+                    let mut at = self
+                        .disk_full_logged
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    let due = at.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(60));
+                    if due {
+                        *at = Some(Instant::now());
+                    }
+                    due
+                };
+                if first {
+                    tracing::error!(
+                        %error,
+                        "the disk holding the ingest log is full: refusing writes with \
+                         RESOURCE_EXHAUSTED until space is freed (the log trims as the \
+                         aggregators checkpoint; logged at most once a minute)"
+                    );
+                }
+                let failure = DurableError::DiskFull(error.to_string());
+                for waiter in waiters {
+                    let _ = waiter.send(Err(failure.clone()));
+                }
+                Ok((None, Vec::new()))
             }
             Err(error) => {
                 let failure = DurableError::Io(error.to_string());
@@ -327,6 +440,7 @@ mod tests {
             logs: Arc::new(Mutex::new(Logs {
                 main: open("log"),
                 ledger: open("ledger"),
+                key_limits: Arc::new(KeyLimits::new(1)),
             })),
             budget: 1 << 30,
             written: watch::channel(0).0,
@@ -335,6 +449,7 @@ mod tests {
             ledger_times: VecDeque::new(),
             horizon,
             last_background_sync: Mutex::new(std::time::Instant::now()),
+            disk_full_logged: Mutex::new(None),
         }
     }
 
@@ -346,6 +461,7 @@ mod tests {
             shards: vec![Vec::new()],
             waiters: Vec::new(),
             batch_ids: vec![Claimed { guard, accepted: 1 }],
+            apart: Vec::new(),
         }
     }
 

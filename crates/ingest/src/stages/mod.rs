@@ -7,6 +7,11 @@
 //!    long-lived `Apply` stream ([`link`]) through the client stack, until the aggregator reports
 //!    them durable; the log stage then trims them.
 //!
+//! In clustered mode (`--nats`) stages 2 and 3 are one: [`publish`] stores each flush in the
+//! cluster's replicated log (JetStream), from which the aggregators read. Either way the stage
+//! after `combine` is a [`DurableLog`]: where a flush becomes durable before its requests are
+//! acknowledged.
+//!
 //! Validation and the batch-id ledger run before stage 1, in the gRPC handlers.
 
 pub(crate) mod combine;
@@ -14,11 +19,37 @@ pub(crate) mod encoded;
 pub(crate) mod forward;
 pub(crate) mod link;
 pub(crate) mod log;
+pub(crate) mod publish;
 
+use std::future::Future;
+
+use hitcounter_pipeline::StageReceiver;
 use hitcounter_proto::aggregator::v1::Delta;
 use tokio::sync::oneshot;
 
-use crate::{ledger::ClaimGuard, validate::ValidHit};
+use crate::{error::IngestError, ledger::ClaimGuard, validate::ValidHit};
+
+/// Where flushes become durable before their requests are acknowledged: the local write-ahead
+/// log ([`log::LogStage`], whose forwarders then deliver to the aggregators) or the cluster's
+/// replicated log ([`publish::Publisher`], which the aggregators read themselves). A Kafka
+/// backend would be a third implementation.
+pub(crate) trait DurableLog: Send + 'static {
+    /// Makes every flush of `flushes` durable and answers its requests, until the channel is
+    /// closed and drained.
+    fn run(
+        self,
+        flushes: StageReceiver<Flush>,
+    ) -> impl Future<Output = Result<(), IngestError>> + Send;
+}
+
+impl DurableLog for log::LogStage {
+    fn run(
+        self,
+        flushes: StageReceiver<Flush>,
+    ) -> impl Future<Output = Result<(), IngestError>> + Send {
+        log::LogStage::run(self, flushes)
+    }
+}
 
 /// Why a request's hits could not be made durable.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -31,9 +62,32 @@ pub(crate) enum DurableError {
         /// The budget.
         budget: u64,
     },
+    /// The log is at its budget while an aggregator refuses this ingest's batches at its key
+    /// limit (the backlog is held back there, not by a slow aggregator): the message names the
+    /// shard and the aggregator's reason.
+    #[error("{0}")]
+    KeyLimit(String),
+    /// The file system holding the log is full: nothing of the flush was written.
+    #[error("the disk holding the ingest log is full: {0}")]
+    DiskFull(String),
     /// The disk failed.
     #[error("cannot write the ingest log: {0}")]
     Io(String),
+    /// Clustered mode: the replicated log is at `--nats-max-bytes`. Nothing was stored.
+    #[error("the cluster's log is full (--nats-max-bytes): the aggregators are not keeping up or the limit is too low")]
+    ClusterFull,
+    /// Clustered mode: the replicated log refused the flush, or did not answer in time (then it
+    /// may or may not be stored).
+    #[error("the cluster's log did not take the hits: {0}")]
+    Cluster(String),
+    /// Clustered mode: this request's batch id was stored before (through any ingest
+    /// instance); nothing of this request was stored again. Not a failure for the caller: it
+    /// is answered `duplicate = true` with the first call's `accepted`.
+    #[error("batch id stored before, with {accepted} hits")]
+    Duplicate {
+        /// What the first call accepted.
+        accepted: u64,
+    },
 }
 
 /// Tells a waiting request whether its hits are durable.
@@ -62,6 +116,22 @@ pub(crate) struct Flush {
     pub(crate) waiters: Vec<Durable>,
     /// Their batch-id claims.
     pub(crate) batch_ids: Vec<Claimed>,
+    /// Clustered mode: requests with a batch id, kept out of the merged deltas, so that one
+    /// found to be a duplicate of a batch stored through another ingest instance can be taken
+    /// out of the flush (see `publish`). Empty on one machine, where the ledger is the only
+    /// judge of batch ids.
+    pub(crate) apart: Vec<Apart>,
+}
+
+/// A request with a batch id, kept apart from the merged deltas (clustered mode).
+#[derive(Debug)]
+pub(crate) struct Apart {
+    /// Its hits, summed per (key, second).
+    pub(crate) deltas: Vec<Delta>,
+    /// Its waiting caller.
+    pub(crate) done: Durable,
+    /// Its batch-id claim.
+    pub(crate) claimed: Claimed,
 }
 
 /// A claimed batch id and the hits its batch holds.

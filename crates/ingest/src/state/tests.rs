@@ -178,6 +178,7 @@ async fn workload(
                     shards: vec![deltas],
                     waiters: senders,
                     batch_ids: claims,
+                    apart: Vec::new(),
                 };
                 let written = stage.write(flush);
                 for (id, accepted, mut rx) in receivers {
@@ -270,6 +271,7 @@ async fn run(policy: FsyncPolicy, seed: u64) -> Result<u64, String> {
             ledger_times: opened.ledger_times,
             horizon: HORIZON,
             last_background_sync: Mutex::new(std::time::Instant::now()),
+            disk_full_logged: Mutex::new(None),
         };
         check(&ledger, &stage, &mut model, policy)
             .await

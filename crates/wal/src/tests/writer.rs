@@ -455,3 +455,51 @@ fn log_and_reader_can_move_between_threads() {
     send::<crate::LogReader>();
     send_sync::<LogError>();
 }
+
+/// A flush half-written across two logs (the second append failed for lack of space) is taken
+/// back out of the first: the seqs are handed out again, nothing of it is read or recovered, and
+/// only the last unsynced append can be undone.
+#[test]
+fn the_last_unsynced_append_can_be_undone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(config(tmp.path(), 1 << 20)).unwrap();
+    log.append(&[b"one"]).unwrap();
+    log.sync_now().unwrap();
+    let size = log.size_bytes();
+    let undone = log.append(&[b"two", b"three"]).unwrap();
+    assert_eq!(undone, 2..4);
+    log.undo_append(undone.clone()).unwrap();
+    assert_eq!((log.next_seq(), log.size_bytes()), (2, size));
+    // Undoing twice, or a synced append, is refused.
+    assert!(log.undo_append(undone).is_err());
+    assert_eq!(log.append(&[b"two again"]).unwrap(), 2..3);
+    log.sync_now().unwrap();
+    assert!(log.undo_append(2..3).is_err());
+    assert_eq!(
+        read_all(&log, 1),
+        vec![(1, b"one".to_vec()), (2, b"two again".to_vec())]
+    );
+    drop(log);
+    let (log, recovery) = Log::open(config(tmp.path(), 1 << 20)).unwrap();
+    assert_eq!((recovery.records, recovery.truncated), (2, None));
+    assert_eq!(log.next_seq(), 3);
+}
+
+/// An append into a freshly rolled segment can be undone too: the segment is left empty, which
+/// the log allows.
+#[test]
+fn an_undone_append_after_a_roll_leaves_an_empty_segment() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut log, _) = Log::open(config(tmp.path(), 64)).unwrap();
+    log.append(&[&[1u8; 40]]).unwrap();
+    let undone = log.append(&[&[2u8; 40]]).unwrap();
+    assert_eq!(log.segment_count(), 2);
+    log.undo_append(undone).unwrap();
+    assert_eq!(log.next_seq(), 2);
+    assert_eq!(log.append(&[b"later"]).unwrap(), 2..3);
+    log.sync_now().unwrap();
+    drop(log);
+    let (log, recovery) = Log::open(config(tmp.path(), 64)).unwrap();
+    assert_eq!((recovery.records, recovery.truncated), (2, None));
+    assert_eq!(read_all(&log, 2), vec![(2, b"later".to_vec())]);
+}

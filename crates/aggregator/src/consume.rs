@@ -1,0 +1,206 @@
+//! The `consume` stage (clustered mode): reads this aggregator's partitions from the cluster's
+//! log and applies each message exactly once, by its position.
+//!
+//! Per hosted partition the aggregator keeps the stream position it has applied through; it is
+//! written into every checkpoint together with the counts it produced (both copied under the
+//! apply gate, so they always agree). After a restart reading resumes after the lowest position
+//! of the hosted partitions, and a message at or below its partition's position is skipped:
+//! what JetStream delivers again, or what the restart reads twice, is never applied twice. The
+//! producer's (id, seq) check runs as well, for the other source of repeats: a publish retried
+//! after a timeout stores the same batch at two positions.
+//!
+//! Until the reader has reached the end of the log as it was when the reader was created
+//! (a consumer with nothing pending), the counts are behind: reads are refused with
+//! `UNAVAILABLE` ("catching up"), so query asks another replica instead of showing a count
+//! that goes back in time. A read error (a NATS server or leader change the client could not
+//! ride out) reopens the reader from the positions after a pause. So does a message refused
+//! whole at the key limit (`--max-keys`): it stays in the log and is read again until it fits,
+//! exactly as a forwarder retries it on one machine.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use hitcounter_cluster::{HitStream, LoggedBatch};
+use hitcounter_telemetry::CancellationToken;
+use tokio::sync::watch;
+
+use crate::{applier::Applier, error::AggregatorError};
+
+/// Messages applied between two raises of every hosted partition's position (see
+/// [`Applier::raise_positions`]).
+const RAISE_EVERY: u64 = 256;
+
+/// Pause before reading a message the key limit refused again.
+const KEY_LIMIT_PAUSE: Duration = Duration::from_secs(1);
+
+/// Pause before reopening the reader after a read error.
+const REOPEN_PAUSE: Duration = Duration::from_millis(500);
+
+/// Reads the hosted partitions and applies them.
+pub(crate) struct LogConsumer {
+    pub(crate) applier: Arc<Applier>,
+    pub(crate) stream: HitStream,
+    /// The partitions this aggregator hosts.
+    pub(crate) partitions: Vec<u32>,
+    /// Set once the reader has caught up with the log.
+    pub(crate) caught_up: watch::Sender<bool>,
+}
+
+impl LogConsumer {
+    /// Runs until `stop` is cancelled. Fails only when applying fails (an owner stopped).
+    pub(crate) async fn run(self, stop: CancellationToken) -> Result<(), AggregatorError> {
+        let lag = metrics::gauge!("hitcounter_aggregator_log_pending");
+        while !stop.is_cancelled() {
+            let from = self.applier.resume_position(&self.partitions) + 1;
+            let (pending, mut messages) = match self.stream.read(&self.partitions, from).await {
+                Ok(reader) => reader,
+                Err(error) => {
+                    tracing::warn!(%error, from, "cannot read the cluster's log; trying again");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(REOPEN_PAUSE) => continue,
+                    }
+                }
+            };
+            tracing::info!(
+                from,
+                pending,
+                partitions = self.partitions.len(),
+                "reading the cluster's log"
+            );
+            let mut applied = 0u64;
+            lag.set(pending as f64);
+            if pending == 0 {
+                self.mark_caught_up();
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = stop.cancelled() => return Ok(()),
+                    next = messages.next() => next,
+                };
+                match next {
+                    Some(Ok(logged)) => {
+                        let (pending, sequence) = (logged.pending, logged.sequence);
+                        match self.applier.apply_logged(logged).await {
+                            Ok(()) => {}
+                            // Not applied, position not advanced: read it again after a pause
+                            // (keys age out, or the limit is raised and the aggregator
+                            // restarted). The log keeps it; nothing is dropped. Owners log it
+                            // and set the key-limit gauge.
+                            Err(AggregatorError::KeyLimit(_)) => {
+                                metrics::counter!("hitcounter_aggregator_log_messages_total", "outcome" => "refused_key_limit")
+                                    .increment(1);
+                                tokio::select! {
+                                    _ = stop.cancelled() => return Ok(()),
+                                    _ = tokio::time::sleep(KEY_LIMIT_PAUSE) => {}
+                                }
+                                break;
+                            }
+                            Err(error) => return Err(error),
+                        }
+                        applied += 1;
+                        lag.set(pending as f64);
+                        if pending == 0 || applied.is_multiple_of(RAISE_EVERY) {
+                            self.applier.raise_positions(&self.partitions, sequence);
+                        }
+                        if pending == 0 {
+                            self.mark_caught_up();
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "reading the cluster's log failed; reopening");
+                        metrics::counter!("hitcounter_aggregator_log_reopened_total").increment(1);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(REOPEN_PAUSE) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_caught_up(&self) {
+        if !*self.caught_up.borrow() {
+            tracing::info!(
+                applied_through = self.applier.resume_position(&self.partitions),
+                "caught up with the cluster's log: serving reads"
+            );
+            let _ = self.caught_up.send(true);
+        }
+    }
+}
+
+impl Applier {
+    /// The position reading resumes after: the lowest applied-through of `partitions` (0 when
+    /// one of them has nothing applied yet).
+    pub(crate) fn resume_position(&self, partitions: &[u32]) -> u64 {
+        let positions = self.lock_positions();
+        partitions
+            .iter()
+            .map(|p| positions.get(p).copied().unwrap_or(0))
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// Raises the position of every partition in `partitions` to `through`: the reader
+    /// delivers the hosted partitions' messages in stream order, so once the message at
+    /// `through` is applied, every hosted partition holds everything up to it, including a
+    /// partition that had no message at all (whose position would otherwise stay 0 and make
+    /// every restart read the whole log again). Needs no gate: either value is true at any
+    /// moment after that message was applied.
+    pub(crate) fn raise_positions(&self, partitions: &[u32], through: u64) {
+        let mut positions = self.lock_positions();
+        for &p in partitions {
+            let position = positions.entry(p).or_insert(0);
+            *position = (*position).max(through);
+        }
+    }
+
+    /// The highest position applied in any partition.
+    pub(crate) fn highest_position(&self) -> u64 {
+        self.lock_positions().values().copied().max().unwrap_or(0)
+    }
+
+    pub(crate) fn lock_positions(&self) -> std::sync::MutexGuard<'_, BTreeMap<u32, u64>> {
+        // Single-step updates on a plain map: a poisoned lock leaves it usable.
+        self.positions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one message of the log unless its position (or its producer's seq) says it
+    /// was applied before. Under the apply gate, so a checkpoint holds the message's counts
+    /// and its position, or neither.
+    pub(crate) async fn apply_logged(&self, logged: LoggedBatch) -> Result<(), AggregatorError> {
+        let _applying = self.gate.read().await;
+        let LoggedBatch {
+            sequence,
+            partition,
+            batch,
+            ..
+        } = logged;
+        let applied_through = self.lock_positions().get(&partition).copied().unwrap_or(0);
+        if sequence <= applied_through {
+            metrics::counter!("hitcounter_aggregator_log_messages_total", "outcome" => "replayed")
+                .increment(1);
+            return Ok(());
+        }
+        let tick = crate::clock::now_second() as u64;
+        let (producer, seq) = (batch.producer_id, batch.seq);
+        if self.applied.first_time(producer, seq, tick) {
+            if let Err(error) = self.owners.apply(batch.deltas).await {
+                self.applied.forget(producer, seq);
+                return Err(error);
+            }
+            metrics::counter!("hitcounter_aggregator_log_messages_total", "outcome" => "applied")
+                .increment(1);
+        } else {
+            metrics::counter!("hitcounter_aggregator_log_messages_total", "outcome" => "duplicate")
+                .increment(1);
+        }
+        self.lock_positions().insert(partition, sequence);
+        Ok(())
+    }
+}

@@ -1,0 +1,113 @@
+"""Consistency checks of the rendered Kubernetes manifests that schemas cannot make.
+
+Usage: python3 check.py RENDERED.yaml OUT_DIR. Writes OUT_DIR/nats-server.conf (the ConfigMap's
+NATS config) and OUT_DIR/env-vars ("binary VARIABLE" lines) for validate.sh, and exits non-zero
+with a message on the first failed check.
+"""
+
+import sys
+
+import yaml
+
+rendered, out_dir = sys.argv[1], sys.argv[2]
+objects = [o for o in yaml.safe_load_all(open(rendered)) if o]
+by_kind = {}
+for o in objects:
+    by_kind.setdefault(o["kind"], {})[o["metadata"]["name"]] = o
+
+
+def fail(message):
+    print(f"FAILED: {message}")
+    sys.exit(1)
+
+
+def need(condition, message):
+    if not condition:
+        fail(message)
+
+
+def container(workload):
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    need(len(containers) == 1, f"{workload['metadata']['name']}: one container expected")
+    return containers[0]
+
+
+def env(workload):
+    return {e["name"]: e for e in container(workload).get("env", [])}
+
+
+workloads = {**by_kind.get("StatefulSet", {}), **by_kind.get("Deployment", {})}
+for name in ("nats", "aggregator", "ingest", "query"):
+    need(name in workloads, f"no workload named {name}")
+
+# Static placement: aggregator i of N, query lists them in node order by stable names.
+agg = workloads["aggregator"]
+agg_env = env(agg)
+replicas = agg["spec"]["replicas"]
+need(agg_env["HITCOUNTER_NODES"]["value"] == str(replicas),
+     f"HITCOUNTER_NODES {agg_env['HITCOUNTER_NODES']['value']} != aggregator replicas {replicas}")
+need(agg_env["HITCOUNTER_NODE_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
+     == "metadata.labels['apps.kubernetes.io/pod-index']", "node index not from the pod-index label")
+service = agg["spec"]["serviceName"]
+need(by_kind["Service"][service]["spec"].get("clusterIP") == "None", "aggregator service not headless")
+agg_port = next(p["containerPort"] for p in container(agg)["ports"] if p["name"] == "grpc")
+want = ",".join(f"http://aggregator-{i}.{service}:{agg_port}" for i in range(replicas))
+query_env = env(workloads["query"])
+need(query_env["HITCOUNTER_AGGREGATOR"]["value"] == want,
+     f"query's aggregator list {query_env['HITCOUNTER_AGGREGATOR']['value']} != {want}")
+need(query_env["HITCOUNTER_REPLICAS"]["value"] == agg_env["HITCOUNTER_REPLICAS"]["value"],
+     "query and aggregators disagree on HITCOUNTER_REPLICAS")
+need(int(agg_env["HITCOUNTER_REPLICAS"]["value"]) <= replicas, "more replicas than aggregators")
+print(f"placement: {replicas} aggregators, query lists {want}")
+
+# NATS: 3 servers, routes and client URLs by the StatefulSet's stable names.
+nats = workloads["nats"]
+nats_replicas = nats["spec"]["replicas"]
+nats_service = nats["spec"]["serviceName"]
+need(nats_replicas == 3, "NATS needs 3 servers for R=3")
+need(nats["spec"].get("podManagementPolicy") == "Parallel", "NATS pods must start in parallel (quorum)")
+need(by_kind["Service"][nats_service]["spec"].get("publishNotReadyAddresses") is True,
+     "NATS headless service must publish not-ready addresses (cluster formation)")
+conf = by_kind["ConfigMap"]["nats-config"]["data"]["nats-server.conf"]
+need("sync_interval: always" in conf, "NATS config lacks sync_interval: always")
+for i in range(nats_replicas):
+    need(f"nats://nats-{i}.{nats_service}:6222" in conf, f"no route to nats-{i}")
+urls = ",".join(f"nats://nats-{i}.{nats_service}:4222" for i in range(nats_replicas))
+for name in ("aggregator", "ingest", "query"):
+    need(env(workloads[name])["HITCOUNTER_NATS"]["value"] == urls, f"{name}: HITCOUNTER_NATS != {urls}")
+open(f"{out_dir}/nats-server.conf", "w").write(conf)
+print(f"NATS: {nats_replicas} servers, routes and client URLs {urls}")
+
+# Every workload: hardened, probed, bounded, protected by a PodDisruptionBudget.
+pdb_selectors = [p["spec"]["selector"]["matchLabels"] for p in by_kind.get("PodDisruptionBudget", {}).values()]
+env_lines = []
+for name, workload in workloads.items():
+    pod = workload["spec"]["template"]["spec"]
+    c = container(workload)
+    sc, psc = c.get("securityContext", {}), pod.get("securityContext", {})
+    need(psc.get("runAsNonRoot") is True, f"{name}: runAsNonRoot")
+    need(sc.get("readOnlyRootFilesystem") is True, f"{name}: readOnlyRootFilesystem")
+    need(sc.get("allowPrivilegeEscalation") is False, f"{name}: allowPrivilegeEscalation")
+    need(sc.get("capabilities", {}).get("drop") == ["ALL"], f"{name}: capabilities drop ALL")
+    for kind in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            need(resource in c.get("resources", {}).get(kind, {}), f"{name}: {kind}.{resource}")
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        need(probe in c, f"{name}: no {probe}")
+        if name != "nats":
+            need(c[probe].get("grpc", {}).get("port") == ports["grpc"],
+                 f"{name}: {probe} is not a grpc probe on the grpc port {ports['grpc']}")
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    need(any(all(labels.get(k) == v for k, v in s.items()) for s in pdb_selectors),
+         f"{name}: no PodDisruptionBudget selects it")
+    if name != "nats":
+        need(c["image"].startswith("hitcounter:"), f"{name}: image {c['image']}")
+        for var in env(workload):
+            if var.startswith("HITCOUNTER_"):
+                env_lines.append(f"{c['command'][0]} {var}")
+need("ingest" in [h["spec"]["scaleTargetRef"]["name"] for h in by_kind.get("HorizontalPodAutoscaler", {}).values()],
+     "no HorizontalPodAutoscaler on ingest")
+need("replicas" not in workloads["ingest"]["spec"], "ingest sets replicas (the HPA owns it)")
+open(f"{out_dir}/env-vars", "w").write("\n".join(env_lines) + "\n")
+print(f"hardening, probes, resources, PodDisruptionBudgets: {', '.join(sorted(workloads))}")
