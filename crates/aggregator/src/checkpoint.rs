@@ -54,6 +54,10 @@ use prost::Message;
 
 use crate::dedup::Progress;
 
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 const MAGIC: &[u8; 4] = b"HCCP";
 const FORMAT: u32 = 1;
 const HEADER: usize = 4 + 4 + 8 + 4;
@@ -332,11 +336,22 @@ fn load_in(
     let Some(path) = list(storage, dir)?.pop() else {
         return Ok(None);
     };
+    let bytes = storage.read(&path).map_err(io(&path))?;
+    decode_file(path, &bytes, owners, limits).map(Some)
+}
+
+/// Checks and decodes the bytes of the checkpoint file `path` into one store per owner: the
+/// part of [`load`] that trusts nothing it reads (the fuzz target `checkpoint` drives it).
+fn decode_file(
+    path: PathBuf,
+    bytes: &[u8],
+    owners: usize,
+    limits: StoreLimits,
+) -> Result<(Loaded, Vec<WindowStore>), CheckpointError> {
     let corrupt = |reason: String| CheckpointError::Corrupt {
         path: path.clone(),
         reason,
     };
-    let bytes = storage.read(&path).map_err(io(&path))?;
     if bytes.len() < HEADER || &bytes[..4] != MAGIC {
         return Err(corrupt(
             "not a checkpoint file (bad magic or too short)".into(),
@@ -404,7 +419,7 @@ fn load_in(
         .into_iter()
         .map(|p| (p.partition, p.applied_through))
         .collect();
-    Ok(Some((
+    Ok((
         Loaded {
             path,
             producers,
@@ -413,7 +428,7 @@ fn load_in(
             counters,
         },
         stores,
-    )))
+    ))
 }
 
 #[cfg(test)]

@@ -35,9 +35,19 @@ impl Progress {
 
     fn insert(&mut self, seq: u64) {
         self.above.insert(seq);
-        while self.above.first() == Some(&(self.through + 1)) {
+        self.advance();
+    }
+
+    /// Moves `through` up over the applied seqs that directly follow it. Stops at `u64::MAX`,
+    /// which has no successor: a producer can get there (its seqs and `first_kept_seq` come
+    /// off the wire), and `through + 1` would overflow.
+    fn advance(&mut self) {
+        while let Some(next) = self.through.checked_add(1) {
+            if self.above.first() != Some(&next) {
+                break;
+            }
             self.above.pop_first();
-            self.through += 1;
+            self.through = next;
         }
     }
 }
@@ -118,10 +128,7 @@ impl AppliedBatches {
         let missing = (last_gone - progress.through) - applied_in_gap;
         progress.above = progress.above.split_off(&first_kept);
         progress.through = last_gone;
-        while progress.above.first() == Some(&(progress.through + 1)) {
-            progress.above.pop_first();
-            progress.through += 1;
-        }
+        progress.advance();
         (missing > 0).then_some((missing, gone))
     }
 
@@ -193,6 +200,36 @@ impl AppliedBatches {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found while writing the `aggregator_apply` fuzz target: a producer that says its log starts at
+    /// `u64::MAX` and then sends that seq moved the watermark to `u64::MAX`, and the next
+    /// step of the loop that advances it computed `u64::MAX + 1` (a panic in a debug build,
+    /// which ends the apply stream; a wrap to 0 in a release build).
+    #[test]
+    fn the_watermark_reaches_the_last_seq_without_overflow() {
+        let applied = AppliedBatches::new(100, 10);
+        assert_eq!(
+            applied.skip_gone(1, u64::MAX, 0),
+            Some((u64::MAX - 1, 1..=u64::MAX - 1))
+        );
+        assert!(applied.first_time(1, u64::MAX, 0));
+        assert!(
+            !applied.first_time(1, u64::MAX, 0),
+            "a resend of the last seq"
+        );
+        assert!(!applied.first_time(1, 5, 0));
+        let snapshot: HashMap<_, _> = applied.snapshot().into_iter().collect();
+        assert_eq!(snapshot[&1].through, u64::MAX);
+
+        // The same through `skip_gone` alone: seqs applied above a gap that is given up.
+        let applied = AppliedBatches::new(100, 10);
+        assert!(applied.first_time(2, u64::MAX, 0));
+        assert_eq!(
+            applied.skip_gone(2, u64::MAX, 0),
+            Some((u64::MAX - 1, 1..=u64::MAX - 1))
+        );
+        assert!(!applied.first_time(2, u64::MAX, 0));
+    }
 
     #[test]
     fn resends_are_detected_in_and_out_of_order() {

@@ -173,6 +173,74 @@ pub(crate) fn batch_id(id: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
+/// Entry points for the fuzz target `ingest_request` in `fuzz/` (feature `fuzzing`; never part of
+/// a normal build): request bytes through the decoding and validation the gRPC edge applies.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use hitcounter_proto::v1::{RecordHitRequest, RecordHitsRequest};
+    use prost::Message;
+
+    use super::{TimeRules, ValidationError};
+
+    /// Why a request was refused: it did not decode, or it broke a rule.
+    #[derive(Debug, thiserror::Error)]
+    pub enum Refused {
+        /// Not a valid message (a key that is not UTF-8, for instance).
+        #[error("does not decode: {0}")]
+        Decode(#[from] prost::DecodeError),
+        /// A rule of the contract.
+        #[error("invalid: {0}")]
+        Invalid(#[from] ValidationError),
+    }
+
+    /// One hit that passed validation: `(key, second, count)`.
+    pub type Accepted = (String, i64, u64);
+
+    /// The accepted hits of a request and the total count the response acknowledges.
+    pub type Outcome = (Vec<Accepted>, u64);
+
+    const RULES: TimeRules = TimeRules {
+        retention_seconds: 3600,
+        max_future_skew_seconds: 60,
+    };
+
+    /// Decodes `bytes` as a `RecordHitsRequest` and validates it at `now_ms`, as `RecordHits`
+    /// and each request of `StreamHits` are (with the default time rules).
+    ///
+    /// # Errors
+    /// [`Refused`] for a request the edge refuses.
+    pub fn record_hits(bytes: &[u8], now_ms: i64) -> Result<Outcome, Refused> {
+        let request = RecordHitsRequest::decode(bytes)?;
+        super::batch_id(&request.batch_id)?;
+        let (hits, total) = super::batch(request.hits, now_ms, RULES)?;
+        Ok((
+            hits.into_iter()
+                .map(|hit| (hit.key, hit.second, hit.count))
+                .collect(),
+            total,
+        ))
+    }
+
+    /// Decodes `bytes` as a `RecordHitRequest` and validates it at `now_ms`, as `RecordHit` is.
+    ///
+    /// # Errors
+    /// [`Refused`] for a request the edge refuses.
+    pub fn record_hit(bytes: &[u8], now_ms: i64) -> Result<Outcome, Refused> {
+        let request = RecordHitRequest::decode(bytes)?;
+        let hit = super::hit(
+            None,
+            request.key,
+            request.timestamp_ms,
+            request.count,
+            now_ms,
+            RULES,
+        )?;
+        let total = hit.count;
+        Ok((vec![(hit.key, hit.second, hit.count)], total))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
