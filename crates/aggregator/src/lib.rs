@@ -63,7 +63,10 @@ async fn open_cluster(
     if config.checkpoint_interval_ms == 0 {
         tracing::warn!("clustered mode without checkpoints: every start rebuilds the counts from the whole log");
     }
-    let max_age = std::time::Duration::from_secs(u64::from(config.retention_seconds) + 1200);
+    let max_age = hitcounter_cluster::log::max_age(
+        config.retention_seconds,
+        hitcounter_cluster::log::ASSUMED_FUTURE_SKEW_SECONDS,
+    );
     let stream = hitcounter_cluster::HitStream::open(&config.cluster, max_age)
         .await
         .map_err(|e| AggregatorError::Startup(e.to_string()))?;

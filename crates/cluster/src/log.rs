@@ -53,6 +53,17 @@ const PARTITIONS_METADATA: &str = "hitcounter.partitions";
 const PRODUCER_HEADER: &str = "Hitcounter-Producer";
 /// The marker header naming that flush.
 const FLUSH_HEADER: &str = "Hitcounter-Flush";
+/// How far in the future an event time may be, for services that do not take ingest's
+/// `--max-future-skew-seconds` (the aggregators and query, when they create the stream).
+pub const ASSUMED_FUTURE_SKEW_SECONDS: u32 = 600;
+
+/// How long the stream must keep a delta: as long as an aggregator rebuilding from the log
+/// needs it, i.e. the retention, plus how far in the future an event time may be, plus ten
+/// minutes for clocks.
+pub fn max_age(retention_seconds: u32, future_skew_seconds: u32) -> Duration {
+    Duration::from_secs(u64::from(retention_seconds) + u64::from(future_skew_seconds) + 600)
+}
+
 /// How long a starting service waits for the NATS servers and the stream.
 const START_WAIT: Duration = Duration::from_secs(60);
 /// The most messages in one atomic batch (a server limit).

@@ -296,11 +296,8 @@ async fn serve_clustered(
         .map_err(|e| IngestError::Startup(e.to_string()))?;
     let authority = hitcounter_auth::Authority::new(&config.auth, "ingest", config.global_limit())
         .map_err(|e| IngestError::Startup(e.to_string()))?;
-    // The log must keep a delta as long as an aggregator rebuilding from it needs it: the
-    // retention, plus how far in the future an event time may be, plus a margin for clocks.
-    let max_age = std::time::Duration::from_secs(
-        u64::from(config.retention_seconds) + u64::from(config.max_future_skew_seconds) + 600,
-    );
+    let max_age =
+        hitcounter_cluster::log::max_age(config.retention_seconds, config.max_future_skew_seconds);
     let stream = hitcounter_cluster::HitStream::open(&config.cluster, max_age)
         .await
         .map_err(|e| IngestError::Startup(e.to_string()))?;

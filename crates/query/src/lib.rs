@@ -49,7 +49,10 @@ pub async fn serve(
     // Clustered mode: the partition count comes from the cluster's log itself, so query can
     // never route with a different one than ingest wrote with.
     let placement = if config.cluster.enabled() {
-        let max_age = std::time::Duration::from_secs(u64::from(config.retention_seconds) + 1200);
+        let max_age = hitcounter_cluster::log::max_age(
+            config.retention_seconds,
+            hitcounter_cluster::log::ASSUMED_FUTURE_SKEW_SECONDS,
+        );
         let stream = hitcounter_cluster::HitStream::open(&config.cluster, max_age)
             .await
             .map_err(|e| QueryError::Startup(e.to_string()))?;

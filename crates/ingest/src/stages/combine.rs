@@ -116,34 +116,33 @@ fn take(
         done,
         batch_id,
     } = request;
-    let batch_id = match (keep_apart, batch_id) {
-        (true, Some(claimed)) => Err(claimed),
-        (_, batch_id) => Ok(batch_id),
-    };
-    if let Err(claimed) = batch_id {
-        let mut own = Merged::default();
-        for hit in hits {
-            let slot = own.entry((hit.key, hit.second)).or_insert(0);
-            *slot = slot.saturating_add(hit.count);
+    let batch_id = match batch_id {
+        Some(claimed) if keep_apart => {
+            let mut own = Merged::default();
+            for hit in hits {
+                let slot = own.entry((hit.key, hit.second)).or_insert(0);
+                *slot = slot.saturating_add(hit.count);
+            }
+            let deltas: Vec<Delta> = own
+                .into_iter()
+                .map(|((key, second), count)| Delta { key, second, count })
+                .collect();
+            let added = deltas.len();
+            apart.push(Apart {
+                deltas,
+                done,
+                claimed,
+            });
+            return added;
         }
-        let deltas: Vec<Delta> = own
-            .into_iter()
-            .map(|((key, second), count)| Delta { key, second, count })
-            .collect();
-        let added = deltas.len();
-        apart.push(Apart {
-            deltas,
-            done,
-            claimed,
-        });
-        return added;
-    }
+        batch_id => batch_id,
+    };
     for hit in hits {
         let slot = pending.entry((hit.key, hit.second)).or_insert(0);
         *slot = slot.saturating_add(hit.count);
     }
     waiters.push(done);
-    batch_ids.extend(batch_id.ok().flatten());
+    batch_ids.extend(batch_id);
     0
 }
 
