@@ -55,6 +55,11 @@ const CLOSED_BATCHES_PER_WRITER: u64 = 150;
 /// Short, so that a lost aggregator leaves the placement within seconds.
 const MEMBER_TTL_MS: &str = "3000";
 
+/// The stream's size limit in these tests: the default (8 GiB) is reserved on each of the
+/// three NATS servers' disk, all on this machine's one disk, and a test machine with less free
+/// space than that refuses to create the stream.
+const STREAM_BYTES: &str = "1073741824";
+
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -86,7 +91,14 @@ impl Deployment {
         let mut ingest = Service::new(
             "hitcounter-ingest",
             &data.path().join("ingest"),
-            &strings(&["--nats", &urls, "--partitions", &PARTITIONS.to_string()]),
+            &strings(&[
+                "--nats",
+                &urls,
+                "--nats-max-bytes",
+                STREAM_BYTES,
+                "--partitions",
+                &PARTITIONS.to_string(),
+            ]),
         );
         let ingest_link = LinkProxy::start(placeholder.addr).await?;
         ingest_link.retarget(ingest.start().await?);
@@ -110,6 +122,8 @@ impl Deployment {
             &strings(&[
                 "--nats",
                 &urls,
+                "--nats-max-bytes",
+                STREAM_BYTES,
                 "--membership",
                 "--member-ttl-ms",
                 MEMBER_TTL_MS,
@@ -156,6 +170,8 @@ impl Deployment {
                 "300",
                 "--nats",
                 &self.nats.urls(),
+                "--nats-max-bytes",
+                STREAM_BYTES,
                 "--node-id",
                 &id,
                 "--advertise",

@@ -235,7 +235,18 @@ impl HitStream {
                 Err(created) => js
                     .get_stream(&name)
                     .await
-                    .map_err(|_| stream_error(format!("cannot create it: {created}")))?,
+                    .map_err(|_| {
+                        let hint = if created.to_string().contains("insufficient") {
+                            format!(
+                                " (each of the {} NATS servers must be able to reserve \
+                                 --nats-max-bytes {} on its disk: free space there or lower it)",
+                                args.nats_replicas, args.nats_max_bytes
+                            )
+                        } else {
+                            String::new()
+                        };
+                        stream_error(format!("cannot create it: {created}{hint}"))
+                    })?,
             },
         };
         let info = stream
