@@ -330,6 +330,11 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
             "    reads around an aggregator's kill -9 (clustered, R_agg 2): {} of {} failed, longest outage {:.1} ms",
             figures.outage.failed, figures.outage.reads, figures.outage.longest_outage_ms
         );
+        let m = &figures.movement;
+        println!(
+            "    a 4th aggregator joining (clustered): {:.0} partitions, {:.0} keys built in {:.2} s; leaving cleanly in {:.2} s; reads {} of {} failed",
+            m.partitions, m.keys, m.build_seconds, m.leave_seconds, m.reads.failed, m.reads.reads
+        );
         run.cluster = Some(figures);
     }
 
