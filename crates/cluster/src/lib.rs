@@ -23,9 +23,11 @@
 pub mod args;
 pub mod error;
 pub mod log;
+pub mod membership;
 pub mod topology;
 
 pub use args::{ClusterArgs, PlacementArgs};
 pub use error::ClusterError;
 pub use log::{HitStream, LoggedBatch, Marker, PublishError};
-pub use topology::{partition_of, Placement};
+pub use membership::{MemberInfo, Members, Membership, MembershipArgs};
+pub use topology::{partition_of, Placement, Roster, RosterNode};

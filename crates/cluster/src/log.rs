@@ -133,10 +133,27 @@ impl HitStream {
     /// Fails when the servers cannot be reached, the stream cannot be created, or it exists
     /// with a different partition count.
     pub async fn open(args: &ClusterArgs, max_age: Duration) -> Result<Self, ClusterError> {
+        Self::open_retrying(args, Some(max_age)).await
+    }
+
+    /// Connects to the NATS servers and opens the stream, which must exist (for tools that
+    /// look at a cluster, such as `hitctl cluster status`: they must never create it).
+    ///
+    /// # Errors
+    /// Fails when the servers cannot be reached or the stream does not exist.
+    pub async fn open_existing(args: &ClusterArgs) -> Result<Self, ClusterError> {
+        let tls = tls_config(args)?;
+        Self::open_once(args, None, tls.as_ref()).await
+    }
+
+    async fn open_retrying(
+        args: &ClusterArgs,
+        max_age: Option<Duration>,
+    ) -> Result<Self, ClusterError> {
         // Services and NATS servers start in any order (compose, Kubernetes, by hand), and a
         // fresh JetStream cluster needs a few seconds to elect its meta leader: keep trying
-        // for a while, saying so, before giving up with the last error.
-        // The TLS files are read once: a bad one stops the start-up at once, naming its flag.
+        // for a while, saying so, before giving up with the last error. The TLS files are
+        // read once: a bad one stops the start-up at once, naming its flag.
         let tls = tls_config(args)?;
         let deadline = tokio::time::Instant::now() + START_WAIT;
         loop {
@@ -158,7 +175,7 @@ impl HitStream {
 
     async fn open_once(
         args: &ClusterArgs,
-        max_age: Duration,
+        max_age: Option<Duration>,
         tls: Option<&rustls::ClientConfig>,
     ) -> Result<Self, ClusterError> {
         let urls = args.nats.join(",");
@@ -208,7 +225,7 @@ impl HitStream {
             subjects: vec![format!("{name}.p.*"), format!("{name}.ids.*")],
             num_replicas: args.nats_replicas.max(1),
             storage: StorageType::File,
-            max_age,
+            max_age: max_age.unwrap_or_default(),
             max_bytes: args.nats_max_bytes,
             discard: DiscardPolicy::New,
             allow_atomic_publish: true,
@@ -225,6 +242,11 @@ impl HitStream {
         // the loser finds the winner's stream.
         let mut stream = match js.get_stream(&name).await {
             Ok(stream) => stream,
+            Err(missing) if max_age.is_none() => {
+                return Err(stream_error(format!(
+                    "cannot open it ({missing}): is --nats-stream right, and has a hitcounter service started?"
+                )))
+            }
             Err(_) => match js.create_stream(config).await {
                 Ok(stream) => {
                     tracing::info!(stream = %name, partitions = ?args.partitions, replicas = args.nats_replicas, max_age = ?max_age, "created the cluster's log");
@@ -233,7 +255,18 @@ impl HitStream {
                 Err(created) => js
                     .get_stream(&name)
                     .await
-                    .map_err(|_| stream_error(format!("cannot create it: {created}")))?,
+                    .map_err(|_| {
+                        let hint = if created.to_string().contains("insufficient") {
+                            format!(
+                                " (each of the {} NATS servers must be able to reserve \
+                                 --nats-max-bytes {} on its disk: free space there or lower it)",
+                                args.nats_replicas, args.nats_max_bytes
+                            )
+                        } else {
+                            String::new()
+                        };
+                        stream_error(format!("cannot create it: {created}{hint}"))
+                    })?,
             },
         };
         let info = stream
@@ -257,6 +290,13 @@ impl HitStream {
                 configured,
             });
         }
+        if existing > crate::topology::MAX_PARTITIONS {
+            return Err(stream_error(format!(
+                "it has {existing} partitions; hitcounter handles at most {}",
+                crate::topology::MAX_PARTITIONS
+            )));
+        }
+        let max_age = max_age.unwrap_or(info.config.max_age);
         if info.config.max_age != Duration::ZERO && info.config.max_age < max_age {
             tracing::warn!(stream = %name, stream_max_age = ?info.config.max_age, needed = ?max_age, "the stream keeps deltas for less than the retention needs: an aggregator rebuilding from the log would miss the oldest");
         }
@@ -277,6 +317,11 @@ impl HitStream {
     /// The stream's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The JetStream context of the stream's connection (the membership bucket shares it).
+    pub(crate) fn jetstream(&self) -> &jetstream::Context {
+        &self.js
     }
 
     /// The message carrying `batch` for `partition`.

@@ -8,7 +8,9 @@
 //!
 //! Each publisher (`--publish-lanes` of them share the flush channel) is a producer: a random
 //! id, and per partition a sequence number without gaps. The message of partition p carries
-//! producer id + p and that partition's next number, so aggregators deduplicate each
+//! the producer id with p in its low bits (`hitcounter_cluster::topology::producer_id`, so an
+//! aggregator knows which producers belong to a partition it gives up) and that partition's
+//! next number, so aggregators deduplicate each
 //! partition's messages exactly as they deduplicate a forwarder's batches on one machine. The
 //! numbers advance only when a batch is known stored: a batch refused for sure (a batch id
 //! stored before, a full log) is rebuilt with the same numbers, and a batch retried after a
@@ -41,7 +43,7 @@ pub(crate) struct Publisher {
     pub(crate) stream: HitStream,
     /// How long batch-id markers are kept (the dedup horizon).
     pub(crate) horizon: Duration,
-    /// This publisher's producer id (partition p's messages carry `producer + p`).
+    /// This publisher's producer id (partition p's messages carry `producer_id(producer, p)`).
     producer: u64,
     /// Per partition: the number of the next message.
     next_seq: Vec<u64>,
@@ -174,7 +176,7 @@ impl Publisher {
                 continue;
             }
             let batch = ApplyRequest {
-                producer_id: self.producer.wrapping_add(p as u64),
+                producer_id: hitcounter_cluster::topology::producer_id(self.producer, p as u32),
                 seq: self.next_seq[p],
                 deltas,
                 first_kept_seq: 0,
