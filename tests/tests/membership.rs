@@ -109,6 +109,9 @@ impl Deployment {
             nats_replicas: 3,
             nats_max_bytes: 1 << 30,
             nats_timeout_ms: 5000,
+            nats_ca_cert: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
         };
         let stream = HitStream::open_existing(&args).await?;
         let ttl = MembershipArgs {
