@@ -10,6 +10,7 @@ pub mod nats;
 pub mod process;
 pub mod proxy;
 pub mod tools;
+pub mod workload;
 
 use std::{net::SocketAddr, time::Duration};
 

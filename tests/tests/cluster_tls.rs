@@ -9,7 +9,7 @@
 //!   waits for servers still starting); without the CA it names `--nats-ca-cert`; a client
 //!   certificate of another CA is refused; an unreadable file is named with its flag.
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context;
 use hitcounter_integration_tests::{
@@ -17,29 +17,9 @@ use hitcounter_integration_tests::{
     nats::{NatsCluster, NatsTls},
     now_ms,
     process::{serving, Service},
+    workload::{counts, strings, STREAM_BYTES},
 };
-use hitcounter_proto::v1::{
-    ingest_client::IngestClient, query_client::QueryClient, GetHitsManyRequest, Hit,
-    RecordHitsRequest,
-};
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
-/// Window counts of `keys` through query.
-async fn counts(query: SocketAddr, keys: &[String]) -> anyhow::Result<Vec<u64>> {
-    let mut client = QueryClient::new(connect(query).await?);
-    let response = client
-        .get_hits_many(GetHitsManyRequest {
-            keys: keys.to_vec(),
-            window_seconds: 3600,
-            at_ms: 0,
-        })
-        .await?
-        .into_inner();
-    Ok(response.results.into_iter().map(|r| r.count).collect())
-}
+use hitcounter_proto::v1::{ingest_client::IngestClient, Hit, RecordHitsRequest};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cluster_over_mutual_tls_counts_exactly() -> anyhow::Result<()> {
@@ -51,7 +31,14 @@ async fn a_cluster_over_mutual_tls_counts_exactly() -> anyhow::Result<()> {
     let urls = nats.urls();
     let data = tempfile::tempdir()?;
     let clustered = |extra: &[&str]| {
-        let mut args = strings(&["--nats", &urls, "--partitions", "8"]);
+        let mut args = strings(&[
+            "--nats",
+            &urls,
+            "--nats-max-bytes",
+            STREAM_BYTES,
+            "--partitions",
+            "8",
+        ]);
         args.extend(tls.iter().cloned());
         args.extend(strings(extra));
         args
@@ -144,7 +131,14 @@ async fn a_cluster_over_mutual_tls_counts_exactly() -> anyhow::Result<()> {
 /// error naming `want`. Returns the error.
 async fn refused_start(nats: &NatsCluster, flags: &[String], want: &str) -> anyhow::Result<String> {
     let data = tempfile::tempdir()?;
-    let mut args = strings(&["--nats", &nats.urls(), "--partitions", "8"]);
+    let mut args = strings(&[
+        "--nats",
+        &nats.urls(),
+        "--nats-max-bytes",
+        STREAM_BYTES,
+        "--partitions",
+        "8",
+    ]);
     args.extend(flags.iter().cloned());
     let mut ingest = Service::new("hitcounter-ingest", data.path(), &args);
     let error = match ingest.start().await {

@@ -37,14 +37,11 @@ use hitcounter_cluster::{ClusterArgs, HitStream, Membership, MembershipArgs, Ros
 use hitcounter_integration_tests::{
     connect,
     nats::NatsCluster,
-    now_ms,
     process::{serving, ClosedPort, Service},
     proxy::LinkProxy,
+    workload::{batch, counts, strings, until_counts, STREAM_BYTES},
 };
-use hitcounter_proto::v1::{
-    ingest_client::IngestClient, query_client::QueryClient, GetHitsManyRequest, Hit,
-    RecordHitsRequest,
-};
+use hitcounter_proto::v1::{ingest_client::IngestClient, RecordHitsRequest};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 const PARTITIONS: u32 = 16;
@@ -54,15 +51,6 @@ const CLOSED_WRITERS: u64 = 16;
 const CLOSED_BATCHES_PER_WRITER: u64 = 150;
 /// Short, so that a lost aggregator leaves the placement within seconds.
 const MEMBER_TTL_MS: &str = "3000";
-
-/// The stream's size limit in these tests: the default (8 GiB) is reserved on each of the
-/// three NATS servers' disk, all on this machine's one disk, and a test machine with less free
-/// space than that refuses to create the stream.
-const STREAM_BYTES: &str = "1073741824";
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
 
 struct Aggregator {
     id: String,
@@ -262,51 +250,6 @@ impl Deployment {
         out.push_str(&format!("--- query\n{}\n", self.query.0.log_tail(15)));
         out
     }
-}
-
-/// Window counts of `keys` through query.
-async fn counts(query: SocketAddr, keys: &[String]) -> anyhow::Result<Vec<u64>> {
-    let mut client = QueryClient::new(connect(query).await?);
-    let response = client
-        .get_hits_many(GetHitsManyRequest {
-            keys: keys.to_vec(),
-            window_seconds: 3600,
-            at_ms: 0,
-        })
-        .await?
-        .into_inner();
-    Ok(response.results.into_iter().map(|r| r.count).collect())
-}
-
-/// Waits until query answers exactly `want` (a hang guard, not a timing goal).
-async fn until_counts(
-    query: SocketAddr,
-    keys: &[String],
-    want: &[u64],
-    within: Duration,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + within;
-    loop {
-        let last = match counts(query, keys).await {
-            Ok(got) if got == want => return Ok(()),
-            Ok(got) => format!("counts {got:?}, want {want:?}"),
-            Err(error) => format!("read failed: {error:#}"),
-        };
-        anyhow::ensure!(Instant::now() < deadline, "after {within:?}: {last}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn batch(keys: &[String], rng: &mut StdRng, id: String) -> RecordHitsRequest {
-    let now = now_ms();
-    let hits = (0..rng.random_range(1..20))
-        .map(|_| Hit {
-            key: keys[rng.random_range(0..keys.len())].clone(),
-            timestamp_ms: now - rng.random_range(0..5_000),
-            count: rng.random_range(1..5),
-        })
-        .collect();
-    RecordHitsRequest { hits, batch_id: id }
 }
 
 type Tally = Arc<Mutex<BTreeMap<String, u64>>>;

@@ -11,8 +11,10 @@
 //!
 //! Every service that needs the membership watches the bucket ([`Membership::watch`]) and gets
 //! the live members in a `tokio::sync::watch` channel. As a second line, a watcher also drops a
-//! member it has not heard from for a TTL of its own clock, so a missed expiry marker (a watcher
-//! reconnecting while the marker aged out) cannot keep a dead member in its view.
+//! member it has not heard from for a TTL of its own clock while it hears from others, so a
+//! missed expiry marker (a watcher reconnecting while the marker aged out) cannot keep a dead
+//! member in its view, and a watch stalled by a NATS fail-over (hearing from nobody) does not
+//! empty it.
 //!
 //! Why a key-value bucket and not a protocol of our own: JetStream already replicates it (R3 like
 //! the stream), orders its updates, and expires what is not refreshed; the membership is small
@@ -312,9 +314,17 @@ async fn watch_members(membership: Membership, members: watch::Sender<Members>) 
                 },
                 _ = expire.tick() => {
                     let ttl = membership.ttl;
+                    // Only while the watch itself is alive, i.e. some member was heard from
+                    // within the last heartbeat or two: a watch stalled by a NATS server
+                    // failing over hears from nobody, and taking that for every member gone
+                    // would leave this service with no aggregator at all (the servers' expiry
+                    // markers still arrive once the watch resumes).
+                    let alive = heard
+                        .values()
+                        .any(|at| at.elapsed() < membership.heartbeat_interval() * 2);
                     let silent: Vec<String> = heard
                         .iter()
-                        .filter(|(_, at)| at.elapsed() > ttl)
+                        .filter(|(_, at)| alive && at.elapsed() > ttl)
                         .map(|(id, _)| id.clone())
                         .collect();
                     for id in silent {
