@@ -123,8 +123,10 @@ pub enum ClusterCommand {
 with the log for it; its hosts are the --replicas members that rendezvous hashing picks among the \
 members that are not leaving (the aggregators' own placement, so give the same --replicas). \
 Exit codes: 0 every partition has a ready replica; 1 some partition has none (its keys cannot be \
-read), or the cluster cannot be read; 2 usage error. To wait until a cluster can serve every \
-partition:\n  until hitctl cluster status >/dev/null; do sleep 1; done"
+read), or the cluster cannot be read, or with --settled a partition is still moving; 2 usage \
+error. To wait until a cluster can serve every partition, or until a change has settled:\n  \
+until hitctl cluster status >/dev/null; do sleep 1; done\n  \
+until hitctl cluster status --settled >/dev/null; do sleep 1; done"
     )]
     Status(ClusterStatusArgs),
 }
@@ -165,6 +167,10 @@ pub struct ClusterStatusArgs {
     /// The member TTL, as the aggregators were started with.
     #[command(flatten)]
     pub membership: hitcounter_cluster::MembershipArgs,
+    /// Also exit 1 unless the placement has settled: every partition ready on exactly its
+    /// hosts, no move in progress (what to wait for between two membership changes).
+    #[arg(long)]
+    pub settled: bool,
 }
 
 /// `hitctl token …`.

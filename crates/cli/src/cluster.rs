@@ -7,7 +7,8 @@
 //! host announces it (ready, building, or not started yet), and any other member still serving
 //! it (a former host that keeps a partition until its new hosts are ready). Reads of a
 //! partition go to its ready replicas, so a partition with none is one whose keys cannot be
-//! read: then the exit code is 1, for scripts that wait on a cluster.
+//! read: then the exit code is 1, for scripts that wait on a cluster (with `--settled`, also
+//! while any partition is still moving).
 
 use std::collections::BTreeMap;
 
@@ -52,6 +53,17 @@ pub(crate) async fn status(args: ClusterStatusArgs, out: Printer) -> Result<Outc
     }
     let unreadable = status.unreadable();
     if unreadable.is_empty() {
+        let moving = status.moving();
+        if args.settled && !moving.is_empty() {
+            out.problem(&format!(
+                "{} of {} partitions have not settled ({}): a host is not ready yet, or a \
+                 former host still serves them",
+                moving.len(),
+                status.partitions,
+                list(&moving)
+            ));
+            return Ok(Outcome::Failure);
+        }
         return Ok(Outcome::Success);
     }
     let why = if members.is_empty() {
@@ -226,6 +238,15 @@ impl Status {
             .collect()
     }
 
+    /// Partitions not settled (a host not ready, or a former host still serving).
+    fn moving(&self) -> Vec<u32> {
+        self.placement
+            .iter()
+            .filter(|p| !p.settled())
+            .map(|p| p.partition)
+            .collect()
+    }
+
     /// (with at least R ready replicas, with fewer, with none, not settled).
     fn summary(&self) -> (usize, usize, usize, usize) {
         let ready = |p: &&PartitionStatus| p.ready_replicas();
@@ -235,7 +256,7 @@ impl Status {
             .filter(|p| ready(p) >= self.replicas)
             .count();
         let none = self.placement.iter().filter(|p| ready(p) == 0).count();
-        let moving = self.placement.iter().filter(|p| !p.settled()).count();
+        let moving = self.moving().len();
         (full, self.placement.len() - full - none, none, moving)
     }
 

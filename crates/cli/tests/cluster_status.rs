@@ -151,8 +151,18 @@ async fn cluster_status_prints_members_and_placement_and_fails_without_a_ready_r
             .await
             .expect("announce");
     }
-    let out = status("status", false).await;
+    let out = hitctl(&[
+        "cluster",
+        "status",
+        "--nats",
+        &url,
+        "--nats-stream",
+        "status",
+        "--settled",
+    ])
+    .await;
     assert_eq!(out.code, Some(0), "{out:?}");
+    assert_eq!(out.stderr, "", "{out:?}");
     let lines: Vec<&str> = out.stdout.lines().collect();
     assert_eq!(
         lines[0],
@@ -212,6 +222,18 @@ async fn cluster_status_prints_members_and_placement_and_fails_without_a_ready_r
         Some(0),
         "every partition is still readable: {out:?}"
     );
+    let moving = hitctl(&[
+        "cluster",
+        "status",
+        "--nats",
+        &url,
+        "--nats-stream",
+        "status",
+        "--settled",
+    ])
+    .await;
+    assert_eq!(moving.code, Some(1), "{moving:?}");
+    assert!(moving.stderr.contains("have not settled"), "{moving:?}");
     let json = out.json();
     assert_eq!(json["summary"]["settled"], false, "{json}");
     assert!(json["summary"]["moving"].as_u64() > Some(0), "{json}");
