@@ -83,6 +83,34 @@ pub struct Config {
     #[arg(long, env = "HITCOUNTER_NODES", default_value_t = 1)]
     pub nodes: usize,
 
+    /// Clustered mode with membership: this aggregator's stable id (e.g. the pod name; the
+    /// characters a-z A-Z 0-9 - _ =). It announces itself in the cluster's membership and hosts
+    /// the partitions the placement (rendezvous hashing over the live members) gives it; query
+    /// finds it there. Replaces --node-index/--nodes.
+    #[arg(long, env = "HITCOUNTER_NODE_ID", conflicts_with_all = ["node_index", "nodes"])]
+    pub node_id: Option<String>,
+
+    /// Clustered mode with membership: the gRPC address query reaches this aggregator at
+    /// (default: http:// or, with --tls-cert, https:// + this host's name + the --listen port).
+    #[arg(long, env = "HITCOUNTER_ADVERTISE", requires = "node_id")]
+    pub advertise: Option<String>,
+
+    /// Clustered mode with membership: most partitions built (read from the log's start) at
+    /// once; more wait for the next round. Bounds the memory and log reads a membership
+    /// change costs at once.
+    #[arg(long, env = "HITCOUNTER_MAX_BUILDING_PARTITIONS", default_value_t = 64)]
+    pub max_building_partitions: usize,
+
+    /// Clustered mode with membership: on SIGTERM, how long the aggregator goes on serving
+    /// while the partitions it holds are built on their new hosts, before it stops anyway
+    /// (their other replicas then serve them). Give the orchestrator a longer grace period.
+    #[arg(long, env = "HITCOUNTER_HANDOFF_TIMEOUT_SECONDS", default_value_t = 60)]
+    pub handoff_timeout_seconds: u64,
+
+    /// Clustered mode with membership: the member TTL.
+    #[command(flatten)]
+    pub membership: hitcounter_cluster::MembershipArgs,
+
     /// Clustered mode: aggregators per partition.
     #[command(flatten)]
     pub placement: hitcounter_cluster::PlacementArgs,
@@ -100,6 +128,29 @@ impl Config {
     /// Default `/metrics` address of the aggregator.
     pub const DEFAULT_METRICS: SocketAddr =
         SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 9102);
+
+    /// The address this aggregator announces (see `--advertise`).
+    pub fn advertised_address(&self) -> String {
+        if let Some(address) = &self.advertise {
+            return address.clone();
+        }
+        let scheme = if self.service.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        if !self.listen.ip().is_unspecified() {
+            return format!("{scheme}://{}", self.listen);
+        }
+        // The kernel's host name: the pod name on Kubernetes, the container id in compose
+        // (which resolves on the compose network).
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_owned())
+            .ok()
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| "localhost".to_owned());
+        format!("{scheme}://{host}:{}", self.listen.port())
+    }
 
     /// Owner count after resolving 0 to the number of cores.
     pub fn owner_count(&self) -> usize {

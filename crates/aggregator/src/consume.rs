@@ -1,5 +1,6 @@
-//! The `consume` stage (clustered mode): reads this aggregator's partitions from the cluster's
-//! log and applies each message exactly once, by its position.
+//! The `consume` stage (clustered mode): reads partitions from the cluster's log and applies
+//! each message exactly once, by its position. The `hosting` controller decides which
+//! partitions are read, by which reader, and when they can serve reads.
 //!
 //! Per hosted partition the aggregator keeps the stream position it has applied through; it is
 //! written into every checkpoint together with the counts it produced (both copied under the
@@ -9,20 +10,26 @@
 //! producer's (id, seq) check runs as well, for the other source of repeats: a publish retried
 //! after a timeout stores the same batch at two positions.
 //!
-//! Until the reader has reached the end of the log as it was when the reader was created
-//! (a consumer with nothing pending), the counts are behind: reads are refused with
-//! `UNAVAILABLE` ("catching up"), so query asks another replica instead of showing a count
-//! that goes back in time. A read error (a NATS server or leader change the client could not
+//! Until a reader has reached the end of the log (a consumer with nothing pending), the counts
+//! of its partitions are behind: it reports when it has caught up ([`ReaderProgress`]), and
+//! until then `hosting` refuses reads of them with `UNAVAILABLE` ("catching up"), so query
+//! asks another replica instead of showing a count that goes back in time. A read error (a NATS server or leader change the client could not
 //! ride out) reopens the reader from the positions after a pause. So does a message refused
 //! whole at the key limit (`--max-keys`): it stays in the log and is read again until it fits,
 //! exactly as a forwarder retries it on one machine.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use futures::StreamExt;
-use hitcounter_cluster::{HitStream, LoggedBatch};
+use hitcounter_cluster::{partition_of, topology::partition_of_producer, HitStream, LoggedBatch};
 use hitcounter_telemetry::CancellationToken;
-use tokio::sync::watch;
 
 use crate::{applier::Applier, error::AggregatorError};
 
@@ -36,20 +43,31 @@ const KEY_LIMIT_PAUSE: Duration = Duration::from_secs(1);
 /// Pause before reopening the reader after a read error.
 const REOPEN_PAUSE: Duration = Duration::from_millis(500);
 
-/// Reads the hosted partitions and applies them.
-pub(crate) struct LogConsumer {
-    pub(crate) applier: Arc<Applier>,
-    pub(crate) stream: HitStream,
-    /// The partitions this aggregator hosts.
-    pub(crate) partitions: Vec<u32>,
-    /// Set once the reader has caught up with the log.
-    pub(crate) caught_up: watch::Sender<bool>,
+/// What a reader shares with whoever started it (the `hosting` controller).
+#[derive(Default)]
+pub(crate) struct ReaderProgress {
+    /// Set once the reader has had nothing pending: its partitions are caught up.
+    pub(crate) caught_up: AtomicBool,
+    /// Messages the reader has yet to deliver, as of its last message.
+    pub(crate) pending: AtomicU64,
 }
 
-impl LogConsumer {
-    /// Runs until `stop` is cancelled. Fails only when applying fails (an owner stopped).
+/// Reads a set of partitions and applies them.
+pub(crate) struct PartitionReader {
+    pub(crate) applier: Arc<Applier>,
+    pub(crate) stream: HitStream,
+    /// The partitions read.
+    pub(crate) partitions: Vec<u32>,
+    /// For the logs and the lag gauge: `ready` or `building`.
+    pub(crate) role: &'static str,
+    pub(crate) progress: Arc<ReaderProgress>,
+}
+
+impl PartitionReader {
+    /// Runs until `stop` is cancelled (between two messages). Fails only when applying fails
+    /// (an owner stopped).
     pub(crate) async fn run(self, stop: CancellationToken) -> Result<(), AggregatorError> {
-        let lag = metrics::gauge!("hitcounter_aggregator_log_pending");
+        let lag = metrics::gauge!("hitcounter_aggregator_log_pending", "reader" => self.role);
         while !stop.is_cancelled() {
             let from = self.applier.resume_position(&self.partitions) + 1;
             let (pending, mut messages) = match self.stream.read(&self.partitions, from).await {
@@ -66,13 +84,11 @@ impl LogConsumer {
                 from,
                 pending,
                 partitions = self.partitions.len(),
+                reader = self.role,
                 "reading the cluster's log"
             );
             let mut applied = 0u64;
-            lag.set(pending as f64);
-            if pending == 0 {
-                self.mark_caught_up();
-            }
+            self.set_pending(&lag, pending);
             loop {
                 let next = tokio::select! {
                     _ = stop.cancelled() => return Ok(()),
@@ -99,13 +115,10 @@ impl LogConsumer {
                             Err(error) => return Err(error),
                         }
                         applied += 1;
-                        lag.set(pending as f64);
                         if pending == 0 || applied.is_multiple_of(RAISE_EVERY) {
                             self.applier.raise_positions(&self.partitions, sequence);
                         }
-                        if pending == 0 {
-                            self.mark_caught_up();
-                        }
+                        self.set_pending(&lag, pending);
                     }
                     Some(Err(error)) => {
                         tracing::warn!(%error, "reading the cluster's log failed; reopening");
@@ -123,13 +136,16 @@ impl LogConsumer {
         Ok(())
     }
 
-    fn mark_caught_up(&self) {
-        if !*self.caught_up.borrow() {
+    fn set_pending(&self, lag: &metrics::Gauge, pending: u64) {
+        lag.set(pending as f64);
+        self.progress.pending.store(pending, Ordering::Relaxed);
+        if pending == 0 && !self.progress.caught_up.swap(true, Ordering::AcqRel) {
             tracing::info!(
                 applied_through = self.applier.resume_position(&self.partitions),
-                "caught up with the cluster's log: serving reads"
+                partitions = self.partitions.len(),
+                reader = self.role,
+                "caught up with the cluster's log"
             );
-            let _ = self.caught_up.send(true);
         }
     }
 }
@@ -158,6 +174,25 @@ impl Applier {
             let position = positions.entry(p).or_insert(0);
             *position = (*position).max(through);
         }
+    }
+
+    /// Gives up `partitions` (of `total`): their keys, positions and producers are forgotten,
+    /// under the apply gate held exclusively, so a checkpoint holds all of a partition or none
+    /// of it. Building one of them again later starts from the log's beginning and applies
+    /// everything again. Returns how many keys were removed.
+    pub(crate) async fn drop_partitions(&self, partitions: &BTreeSet<u32>, total: u32) -> usize {
+        let _exclusive = self.gate.write().await;
+        self.lock_positions()
+            .retain(|partition, _| !partitions.contains(partition));
+        self.applied
+            .forget_producers(|producer| partitions.contains(&partition_of_producer(producer)));
+        let owners = self.owners.clone();
+        let dropped = partitions.clone();
+        tokio::task::spawn_blocking(move || {
+            owners.remove_keys_where(|key| dropped.contains(&partition_of(key, total)))
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// The highest position applied in any partition.

@@ -158,6 +158,12 @@ impl AppliedBatches {
     }
 
     /// Unmarks (producer, seq), for a batch that was marked but could not be applied.
+    /// Forgets every producer for which `forget` is true (a clustered aggregator giving up a
+    /// partition forgets its producers, so that building it again applies everything again).
+    pub(crate) fn forget_producers(&self, forget: impl Fn(u64) -> bool) {
+        self.lock().retain(|producer, _| !forget(*producer));
+    }
+
     pub(crate) fn forget(&self, producer: u64, seq: u64) {
         let mut producers = self.lock();
         let Some(entry) = producers.get_mut(&producer) else {

@@ -25,10 +25,13 @@ pub enum AggregatorError {
     /// Clustered mode: the cluster's log could not be read.
     #[error("cannot read the cluster's log: {0}")]
     Log(#[from] hitcounter_cluster::ClusterError),
-    /// Clustered mode: this replica is still reading the log up to its end, so its counts
-    /// may be behind; query asks another replica.
-    #[error("this aggregator is catching up with the cluster's log (applied through position {applied}); ask another replica")]
+    /// Clustered mode: this replica does not serve the key's partition now: it is still
+    /// reading it from the log (its counts may be behind), or the partition is not placed
+    /// here; query asks another replica.
+    #[error("this aggregator does not serve partition {partition} now (catching up with the cluster's log, or not placed here; applied through position {applied}); ask another replica")]
     CatchingUp {
+        /// The partition asked for.
+        partition: u32,
         /// The highest stream position applied so far.
         applied: u64,
     },

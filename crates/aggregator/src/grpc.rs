@@ -20,7 +20,7 @@ use hitcounter_telemetry::{rpc, CancellationToken};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
-use crate::{applier::Applier, error::AggregatorError, owners::Owners};
+use crate::{applier::Applier, error::AggregatorError, hosting::Hosting, owners::Owners};
 
 /// Most keys in one `Count` call (query sends at most 1000 per `GetHitsMany`).
 const MAX_COUNT_KEYS: usize = 10_000;
@@ -37,22 +37,31 @@ pub(crate) struct AggregatorService {
     pub(crate) ack_capacity: usize,
     /// Batches of one stream applied at once.
     pub(crate) apply_window: usize,
-    /// False while a clustered aggregator is catching up with the log: reads are refused.
-    pub(crate) ready: tokio::sync::watch::Receiver<bool>,
+    /// What this aggregator serves (clustered mode: the ready partitions; reads of other keys
+    /// are refused).
+    pub(crate) hosting: tokio::sync::watch::Receiver<Hosting>,
     pub(crate) shutdown: CancellationToken,
 }
 
 type AckStream = Pin<Box<dyn Stream<Item = Result<ApplyResponse, Status>> + Send>>;
 
 impl AggregatorService {
-    /// Refuses reads while the counts are behind the log (clustered mode, catching up).
-    fn check_ready(&self) -> Result<(), AggregatorError> {
-        if *self.ready.borrow() {
-            return Ok(());
+    /// Refuses reads of keys whose partition this aggregator does not serve now (clustered
+    /// mode: catching up with the log, or not placed here).
+    fn check_ready<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), AggregatorError> {
+        let hosting = self.hosting.borrow();
+        for key in keys {
+            if let Err(partition) = hosting.serves(key) {
+                return Err(AggregatorError::CatchingUp {
+                    partition,
+                    applied: self.applier.highest_position(),
+                });
+            }
         }
-        Err(AggregatorError::CatchingUp {
-            applied: self.applier.highest_position(),
-        })
+        Ok(())
     }
 
     fn check_window(&self, window_seconds: u32) -> Result<(), AggregatorError> {
@@ -138,7 +147,6 @@ impl Aggregator for AggregatorService {
         request: Request<CountRequest>,
     ) -> Result<Response<CountResponse>, Status> {
         rpc::observe("aggregator", "Count", async {
-            self.check_ready()?;
             let request = request.into_inner();
             self.check_window(request.window_seconds)?;
             if request.keys.len() > MAX_COUNT_KEYS {
@@ -148,6 +156,7 @@ impl Aggregator for AggregatorService {
                 ))
                 .into());
             }
+            self.check_ready(&request.keys)?;
             let counts =
                 self.owners
                     .count(&request.keys, request.end_second, request.window_seconds);
@@ -161,8 +170,8 @@ impl Aggregator for AggregatorService {
         request: Request<SeriesRequest>,
     ) -> Result<Response<SeriesResponse>, Status> {
         rpc::observe("aggregator", "Series", async {
-            self.check_ready()?;
             let request = request.into_inner();
+            self.check_ready([&request.key])?;
             if request.points > MAX_SERIES_POINTS || request.step_seconds == 0 {
                 return Err(AggregatorError::InvalidArgument(format!(
                     "points must be at most {MAX_SERIES_POINTS} and step_seconds at least 1"
@@ -182,10 +191,12 @@ impl Aggregator for AggregatorService {
 
     async fn top(&self, request: Request<TopRequest>) -> Result<Response<TopResponse>, Status> {
         rpc::observe("aggregator", "Top", async {
-            self.check_ready()?;
             let request = request.into_inner();
             self.check_window(request.window_seconds)?;
             let limit = request.limit.clamp(1, MAX_TOP_LIMIT) as usize;
+            // Only the partitions served now, and the answer says which they are: query
+            // checks that the answers it merges cover every partition.
+            let hosting = self.hosting.borrow().clone();
             let keys = self
                 .owners
                 .top(
@@ -193,11 +204,15 @@ impl Aggregator for AggregatorService {
                     request.window_seconds,
                     limit,
                     &request.prefix,
+                    |key| hosting.serves(key).is_ok(),
                 )
                 .into_iter()
                 .map(|(key, count)| KeyCount { key, count })
                 .collect();
-            Ok(Response::new(TopResponse { keys }))
+            Ok(Response::new(TopResponse {
+                keys,
+                partitions: hosting.ready.iter().copied().collect(),
+            }))
         })
         .await
     }

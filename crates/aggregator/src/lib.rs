@@ -28,6 +28,7 @@ mod consume;
 mod dedup;
 mod error;
 mod grpc;
+mod hosting;
 mod owners;
 mod snapshot;
 
@@ -48,17 +49,22 @@ use crate::{
     owners::{OwnerSettings, Owners},
 };
 
-/// Clustered mode: opens the cluster's log and works out the partitions this node hosts.
+/// Clustered mode: opens the cluster's log and works out where this node's partitions come
+/// from (static placement, or the membership).
 async fn open_cluster(
     config: &Config,
-) -> Result<(hitcounter_cluster::HitStream, Vec<u32>), AggregatorError> {
-    if config.node_index >= config.nodes {
+) -> Result<(hitcounter_cluster::HitStream, hosting::Layout), AggregatorError> {
+    if config.node_id.is_none() && config.node_index >= config.nodes {
         return Err(AggregatorError::Startup(format!(
             "--node-index {} is not below --nodes {}: nodes are numbered 0..{}",
             config.node_index,
             config.nodes,
             config.nodes.saturating_sub(1)
         )));
+    }
+    if let Some(node_id) = &config.node_id {
+        hitcounter_cluster::membership::check_node_id(node_id)
+            .map_err(|e| AggregatorError::Startup(e.to_string()))?;
     }
     if config.checkpoint_interval_ms == 0 {
         tracing::warn!("clustered mode without checkpoints: every start rebuilds the counts from the whole log");
@@ -70,23 +76,56 @@ async fn open_cluster(
     let stream = hitcounter_cluster::HitStream::open(&config.cluster, max_age)
         .await
         .map_err(|e| AggregatorError::Startup(e.to_string()))?;
-    let placement = hitcounter_cluster::Placement::new(
-        stream.partitions(),
-        config.nodes,
-        config.placement.replicas,
-    );
-    let partitions = placement.partitions_of(config.node_index);
-    tracing::info!(
-        stream = stream.name(),
-        node = config.node_index,
-        nodes = config.nodes,
-        replicas = placement.replicas,
-        hosted = partitions.len(),
-        of = placement.partitions,
-        "clustered: hosting partitions"
-    );
-    metrics::gauge!("hitcounter_aggregator_hosted_partitions").set(partitions.len() as f64);
-    Ok((stream, partitions))
+    let layout = match &config.node_id {
+        Some(node_id) => {
+            let membership = hitcounter_cluster::Membership::open(
+                &stream,
+                config.membership.ttl(),
+                config.cluster.nats_replicas,
+            )
+            .await
+            .map_err(|e| AggregatorError::Startup(e.to_string()))?;
+            let members = membership.watch().await;
+            let address = config.advertised_address();
+            tracing::info!(
+                stream = stream.name(),
+                node = %node_id,
+                %address,
+                members = members.borrow().len(),
+                replicas = config.placement.replicas,
+                partitions = stream.partitions(),
+                "clustered: joining the membership"
+            );
+            hosting::Layout::Members {
+                membership: Box::new(membership),
+                members,
+                node_id: node_id.clone(),
+                address,
+                replicas: config.placement.replicas,
+            }
+        }
+        None => {
+            let placement = hitcounter_cluster::Placement::new(
+                stream.partitions(),
+                config.nodes,
+                config.placement.replicas,
+            );
+            tracing::info!(
+                stream = stream.name(),
+                node = config.node_index,
+                nodes = config.nodes,
+                replicas = placement.replicas,
+                hosted = placement.partitions_of(config.node_index).len(),
+                of = placement.partitions,
+                "clustered: hosting partitions (static placement)"
+            );
+            hosting::Layout::Static {
+                placement,
+                node: config.node_index,
+            }
+        }
+    };
+    Ok((stream, layout))
 }
 
 /// Runs the aggregator on `listeners` until `shutdown` is cancelled, then drains and returns.
@@ -171,21 +210,60 @@ pub async fn serve(
         incarnation: rand::random(),
         positions: std::sync::Mutex::new(positions),
     });
-    // Reads wait for the log consumer to catch up (clustered mode); on one machine the state
-    // is whole as soon as the checkpoint is loaded.
-    let (caught_up, ready) = tokio::sync::watch::channel(cluster.is_none());
+    // Clustered mode: the hosting controller reads the log and says which partitions are
+    // served; on one machine every key is served as soon as the checkpoint is loaded.
+    let (hosting_tx, hosting_rx) = tokio::sync::watch::channel(match &cluster {
+        // Nothing is served until the controller says so.
+        Some((stream, _)) => hosting::Hosting {
+            partitions: stream.partitions(),
+            ..hosting::Hosting::default()
+        },
+        None => hosting::Hosting::local(),
+    });
     let consumer_stop = CancellationToken::new();
-    if let Some((stream, partitions)) = cluster {
-        let consumer = consume::LogConsumer {
+    // The server stops once the node may stop serving: at once on one machine or with static
+    // placement, after the handoff with membership (see `hosting`).
+    let serving = if cluster.is_some() {
+        CancellationToken::new()
+    } else {
+        shutdown.clone()
+    };
+    if let Some((stream, layout)) = cluster {
+        let held: std::collections::BTreeSet<u32> =
+            applier.lock_positions().keys().copied().collect();
+        let initial = match &layout {
+            hosting::Layout::Static { placement, node } => {
+                // Static placement never hands over: what the checkpoint holds beyond this
+                // node's partitions (after --nodes changed) goes now.
+                let target: std::collections::BTreeSet<u32> =
+                    placement.partitions_of(*node).into_iter().collect();
+                let extra: std::collections::BTreeSet<u32> =
+                    held.difference(&target).copied().collect();
+                if !extra.is_empty() {
+                    let keys = applier.drop_partitions(&extra, stream.partitions()).await;
+                    tracing::info!(partitions = ?extra, keys, "dropped partitions no longer placed here");
+                }
+                target
+            }
+            hosting::Layout::Members { .. } => held,
+        };
+        let controller = hosting::Controller {
             applier: Arc::clone(&applier),
             stream,
-            partitions,
-            caught_up,
+            layout,
+            hosting: hosting_tx,
+            max_building: config.max_building_partitions.max(1),
+            handoff_timeout: std::time::Duration::from_secs(config.handoff_timeout_seconds),
         };
         stages.spawn(
-            consumer
-                .run(consumer_stop.clone())
-                .instrument(tracing::info_span!("consume")),
+            controller
+                .run(
+                    initial,
+                    shutdown.clone(),
+                    serving.clone(),
+                    consumer_stop.clone(),
+                )
+                .instrument(tracing::info_span!("hosting")),
         );
     }
     let service = AggregatorService {
@@ -194,8 +272,8 @@ pub async fn serve(
         retention_seconds: config.retention_seconds,
         ack_capacity: config.ack_channel_capacity,
         apply_window: config.apply_window,
-        ready,
-        shutdown: shutdown.clone(),
+        hosting: hosting_rx,
+        shutdown: serving.clone(),
     };
     // The snapshot stage: periodic checkpoints until shutdown, then a last one after the server
     // has stopped (see below).
@@ -220,7 +298,7 @@ pub async fn serve(
         owners = config.owner_count(),
         "aggregator serving"
     );
-    let server = hitcounter_telemetry::server::serve(service, listeners, metrics, shutdown.clone());
+    let server = hitcounter_telemetry::server::serve(service, listeners, metrics, serving.clone());
 
     // Watch the stages while serving: an owner that fails takes the service down.
     let stage_watch = async {

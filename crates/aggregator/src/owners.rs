@@ -406,12 +406,28 @@ impl Owners {
         window_seconds: u32,
         limit: usize,
         prefix: &str,
+        keep: impl Fn(&str) -> bool,
     ) -> Vec<(String, u64)> {
         let mut merged = Vec::new();
         for owner in &self.owners {
-            merged.extend(owner.read().top(end_second, window_seconds, limit, prefix));
+            merged.extend(
+                owner
+                    .read()
+                    .top_where(end_second, window_seconds, limit, prefix, &keep),
+            );
         }
         merge_top(merged, limit)
+    }
+
+    /// Removes every key for which `remove` is true from every owner's store (a clustered
+    /// aggregator giving up partitions); returns how many. Each owner's store is held for
+    /// writing for its whole pass: its reads and writes wait meanwhile. Blocking: call it off
+    /// the runtime.
+    pub(crate) fn remove_keys_where(&self, remove: impl Fn(&str) -> bool) -> usize {
+        self.owners
+            .iter()
+            .map(|owner| write(&owner.store).remove_keys_where(&remove))
+            .sum()
     }
 }
 
@@ -586,7 +602,7 @@ mod tests {
         assert_eq!(counts, expected);
         assert_eq!(owners.count(&asked[..1], now, 1), vec![100]);
         assert_eq!(owners.series("page-7", now - 1, 1, 2), vec![8, 100]);
-        let top = owners.top(now, 60, 3, "page-");
+        let top = owners.top(now, 60, 3, "page-", |_| true);
         assert_eq!(
             top,
             vec![

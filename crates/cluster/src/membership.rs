@@ -229,8 +229,18 @@ impl Membership {
     /// Watches the membership: the returned channel holds the live members and changes when
     /// one joins, leaves, expires or announces something new. The watch runs until every
     /// receiver is dropped, and resumes by itself after a failure.
-    pub fn watch(&self) -> watch::Receiver<Members> {
-        let (sender, receiver) = watch::channel(Members::new());
+    ///
+    /// The channel starts with the members the bucket holds now (one read), so a service
+    /// starting up sees the cluster as it is rather than empty.
+    pub async fn watch(&self) -> watch::Receiver<Members> {
+        let current = match self.members().await {
+            Ok(members) => members,
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the membership yet; watching it");
+                Members::new()
+            }
+        };
+        let (sender, receiver) = watch::channel(current);
         tokio::spawn(watch_members(self.clone(), sender));
         receiver
     }
@@ -256,7 +266,11 @@ fn decode(value: &[u8]) -> Option<MemberInfo> {
 /// The watch task behind [`Membership::watch`].
 async fn watch_members(membership: Membership, members: watch::Sender<Members>) {
     // When each member was last heard from, on this process's clock.
-    let mut heard: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut heard: BTreeMap<String, Instant> = members
+        .borrow()
+        .keys()
+        .map(|id| (id.clone(), Instant::now()))
+        .collect();
     let mut expire = tokio::time::interval(membership.heartbeat_interval());
     expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while !members.is_closed() {

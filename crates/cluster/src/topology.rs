@@ -131,7 +131,9 @@ pub struct RosterNode {
 impl RosterNode {
     /// Whether it can serve reads of `partition` (as far as this view knows).
     pub fn serves(&self, partition: u32) -> bool {
-        self.ready.as_ref().is_none_or(|ready| ready.contains(&partition))
+        self.ready
+            .as_ref()
+            .is_none_or(|ready| ready.contains(&partition))
     }
 }
 
@@ -230,7 +232,10 @@ impl Roster {
             .collect();
         readers.extend((0..self.nodes.len()).filter(|n| {
             !hosts.contains(n)
-                && self.nodes[*n].ready.as_ref().is_some_and(|r| r.contains(&partition))
+                && self.nodes[*n]
+                    .ready
+                    .as_ref()
+                    .is_some_and(|r| r.contains(&partition))
         }));
         readers
     }
@@ -332,7 +337,12 @@ mod tests {
         // a leaving one gives up its quarter: nothing else should move. Measured over 64
         // partitions (the default) and 1024, R_agg 2.
         let three = ["aggregator-0", "aggregator-1", "aggregator-2"];
-        let four = ["aggregator-0", "aggregator-1", "aggregator-2", "aggregator-3"];
+        let four = [
+            "aggregator-0",
+            "aggregator-1",
+            "aggregator-2",
+            "aggregator-3",
+        ];
         for partitions in [64u32, 1024] {
             let up = moved_fraction(partitions, 2, &three, &four);
             let down = moved_fraction(partitions, 2, &four, &three);

@@ -51,6 +51,15 @@ pub struct Config {
     #[command(flatten)]
     pub client: ClientArgs,
 
+    /// Clustered mode: find the aggregators in the cluster's membership (aggregators started
+    /// with --node-id) and follow them as they join and leave, instead of --aggregator.
+    #[arg(long, env = "HITCOUNTER_MEMBERSHIP")]
+    pub membership: bool,
+
+    /// Clustered mode with --membership: the member TTL.
+    #[command(flatten)]
+    pub membership_args: hitcounter_cluster::MembershipArgs,
+
     /// Clustered mode: aggregators per partition.
     #[command(flatten)]
     pub placement: hitcounter_cluster::PlacementArgs,

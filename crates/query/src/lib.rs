@@ -42,42 +42,73 @@ pub async fn serve(
     let metrics = hitcounter_telemetry::metrics::recorder()
         .map_err(|e| QueryError::Startup(e.to_string()))?;
     let max_message = config.service.max_message_bytes;
-    let channels = config
-        .client
-        .channels()
-        .map_err(|e| QueryError::Startup(e.to_string()))?;
     // Clustered mode: the partition count comes from the cluster's log itself, so query can
     // never route with a different one than ingest wrote with.
-    let placement = if config.cluster.enabled() {
+    let stream = if config.cluster.enabled() {
         let max_age = hitcounter_cluster::log::max_age(
             config.retention_seconds,
             hitcounter_cluster::log::ASSUMED_FUTURE_SKEW_SECONDS,
         );
-        let stream = hitcounter_cluster::HitStream::open(&config.cluster, max_age)
-            .await
-            .map_err(|e| QueryError::Startup(e.to_string()))?;
-        let placement = hitcounter_cluster::Placement::new(
-            stream.partitions(),
-            channels.len(),
-            config.placement.replicas,
-        );
-        tracing::info!(
-            partitions = placement.partitions,
-            aggregators = placement.nodes,
-            replicas = placement.replicas,
-            "clustered: reading partitions from their replicas"
-        );
-        Some(placement)
+        Some(
+            hitcounter_cluster::HitStream::open(&config.cluster, max_age)
+                .await
+                .map_err(|e| QueryError::Startup(e.to_string()))?,
+        )
     } else {
         None
     };
-    let shards = Shards::new(
-        channels,
-        &config.client.stack_config(),
-        max_message,
-        placement,
-    )
-    .map_err(|e| QueryError::Startup(e.to_string()))?;
+    let shards = match stream {
+        Some(stream) if config.membership => {
+            let membership = hitcounter_cluster::Membership::open(
+                &stream,
+                config.membership_args.ttl(),
+                config.cluster.nats_replicas,
+            )
+            .await
+            .map_err(|e| QueryError::Startup(e.to_string()))?;
+            let members = membership.watch().await;
+            tracing::info!(
+                partitions = stream.partitions(),
+                aggregators = members.borrow().len(),
+                replicas = config.placement.replicas,
+                "clustered: reading partitions from the aggregators in the membership"
+            );
+            Shards::discover(
+                members,
+                stream.partitions(),
+                config.placement.replicas,
+                config.client.clone(),
+                max_message,
+            )
+        }
+        stream => {
+            let channels = config
+                .client
+                .channels()
+                .map_err(|e| QueryError::Startup(e.to_string()))?;
+            let roster = stream.map(|stream| {
+                let placement = hitcounter_cluster::Placement::new(
+                    stream.partitions(),
+                    channels.len(),
+                    config.placement.replicas,
+                );
+                tracing::info!(
+                    partitions = placement.partitions,
+                    aggregators = placement.nodes,
+                    replicas = placement.replicas,
+                    "clustered: reading partitions from their replicas (static placement)"
+                );
+                hitcounter_cluster::Roster::fixed(placement, &config.client.aggregators)
+            });
+            Shards::new(channels, &config.client.stack_config(), max_message, roster)
+                .map_err(|e| QueryError::Startup(e.to_string()))?
+        }
+    };
+    if config.membership && !config.cluster.enabled() {
+        return Err(QueryError::Startup(
+            "--membership finds aggregators in a cluster's membership: it needs --nats".into(),
+        ));
+    }
     let authority = hitcounter_auth::Authority::new(&config.auth, "query", config.global_limit())
         .map_err(|e| QueryError::Startup(e.to_string()))?;
     let service = QueryService {

@@ -136,51 +136,79 @@ impl ClientArgs {
         };
         self.aggregators
             .iter()
-            .map(|address| {
-                let uri = if address.contains("://") {
-                    address.clone()
-                } else {
-                    format!("http://{address}")
-                };
-                let endpoint = tonic::transport::Endpoint::from_shared(uri).map_err(|e| {
-                    StackError::BadAddress {
-                        address: address.clone(),
-                        reason: e.to_string(),
-                    }
-                })?;
-                let endpoint = endpoint
-                    .connect_timeout(Duration::from_millis(self.aggregator_timeout_ms.max(1)))
-                    .http2_keep_alive_interval(Duration::from_secs(10))
-                    .keep_alive_timeout(Duration::from_secs(5));
-                let https = endpoint.uri().scheme_str() == Some("https");
-                let endpoint = match (&tls_config, https) {
-                    (Some(config), true) if self.aggregator_ca_cert.is_some() => endpoint
-                        .tls_config(config.clone())
-                        .map_err(|e| StackError::BadAddress {
-                            address: address.clone(),
-                            reason: format!("TLS settings: {e}"),
-                        })?,
-                    (_, true) => {
-                        return Err(StackError::BadAddress {
-                            address: address.clone(),
-                            reason: "an https:// aggregator needs --aggregator-ca-cert (the CA \
-                                     that signs its certificate)"
-                                .into(),
-                        })
-                    }
-                    (Some(_), false) => {
-                        return Err(StackError::BadAddress {
-                            address: address.clone(),
-                            reason: "aggregator TLS flags are set but this address is not \
-                                     https://: write https:// to use TLS"
-                                .into(),
-                        })
-                    }
-                    (None, false) => endpoint,
-                };
-                Ok(hitcounter_transport::connect_lazy(&endpoint))
-            })
+            .map(|address| self.channel_with(address, tls_config.as_ref()))
             .collect()
+    }
+
+    /// Opens a lazy gRPC channel to one aggregator at `address` (clustered mode with
+    /// membership: query learns the addresses as aggregators join). The TLS files are read
+    /// now, so a renewed client certificate is used from the next new aggregator on.
+    ///
+    /// # Errors
+    /// As [`channels`](Self::channels).
+    pub fn channel(&self, address: &str) -> Result<tonic::transport::Channel, StackError> {
+        let tls = hitcounter_transport::tls::ClientTls {
+            ca_cert: self.aggregator_ca_cert.clone(),
+            cert: self.aggregator_tls_cert.clone(),
+            key: self.aggregator_tls_key.clone(),
+        };
+        let tls_config = if tls != hitcounter_transport::tls::ClientTls::default() {
+            Some(
+                tls.config()
+                    .map_err(|e| tls_error(&[address.to_owned()], &e))?,
+            )
+        } else {
+            None
+        };
+        self.channel_with(address, tls_config.as_ref())
+    }
+
+    fn channel_with(
+        &self,
+        address: &str,
+        tls_config: Option<&tonic::transport::ClientTlsConfig>,
+    ) -> Result<tonic::transport::Channel, StackError> {
+        let uri = if address.contains("://") {
+            address.to_owned()
+        } else {
+            format!("http://{address}")
+        };
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(uri).map_err(|e| StackError::BadAddress {
+                address: address.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let endpoint = endpoint
+            .connect_timeout(Duration::from_millis(self.aggregator_timeout_ms.max(1)))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let https = endpoint.uri().scheme_str() == Some("https");
+        let endpoint = match (tls_config, https) {
+            (Some(config), true) if self.aggregator_ca_cert.is_some() => endpoint
+                .tls_config(config.clone())
+                .map_err(|e| StackError::BadAddress {
+                    address: address.to_owned(),
+                    reason: format!("TLS settings: {e}"),
+                })?,
+            (_, true) => {
+                return Err(StackError::BadAddress {
+                    address: address.to_owned(),
+                    reason: "an https:// aggregator needs --aggregator-ca-cert (the CA \
+                             that signs its certificate)"
+                        .into(),
+                })
+            }
+            (Some(_), false) => {
+                return Err(StackError::BadAddress {
+                    address: address.to_owned(),
+                    reason: "aggregator TLS flags are set but this address is not \
+                             https://: write https:// to use TLS"
+                        .into(),
+                })
+            }
+            (None, false) => endpoint,
+        };
+        Ok(hitcounter_transport::connect_lazy(&endpoint))
     }
 }
 

@@ -410,6 +410,19 @@ impl WindowStore {
         limit: usize,
         prefix: &str,
     ) -> Vec<(String, u64)> {
+        self.top_where(end_second, window_seconds, limit, prefix, |_| true)
+    }
+
+    /// [`top`](Self::top) among the keys for which `keep` is true (a clustered aggregator
+    /// answers only for the partitions it can serve).
+    pub fn top_where(
+        &self,
+        end_second: i64,
+        window_seconds: u32,
+        limit: usize,
+        prefix: &str,
+        keep: impl Fn(&str) -> bool,
+    ) -> Vec<(String, u64)> {
         if limit == 0 || window_seconds == 0 {
             return Vec::new();
         }
@@ -422,7 +435,7 @@ impl WindowStore {
             BinaryHeap::with_capacity(limit.min(self.key_count()));
         for entry in self.entries() {
             let key = entry.key();
-            if !key.starts_with(prefix) {
+            if !key.starts_with(prefix) || !keep(key_text(key)) {
                 continue;
             }
             let count = window_sum(entry.counters(), end_second, window_seconds);
@@ -532,6 +545,29 @@ impl WindowStore {
             }
         }
         true
+    }
+
+    /// Removes every key for which `remove` is true, with its counters; returns how many keys
+    /// were removed. One pass over every key (a clustered aggregator giving up partitions);
+    /// the key tables are shrunk when less than a quarter full, as after eviction.
+    pub fn remove_keys_where(&mut self, remove: impl Fn(&str) -> bool) -> usize {
+        let mut removed = 0;
+        let hash_state = &self.hash_state;
+        for table in self.tables.iter_mut() {
+            table.retain(|entry| {
+                if !remove(key_text(entry.key())) {
+                    return true;
+                }
+                removed += 1;
+                self.counters -= entry.counters().len();
+                self.entry_bytes -= entry.heap_bytes();
+                false
+            });
+            if table.len() < table.num_buckets() / 4 {
+                table.shrink_to_fit(|entry| hash_state.hash_one(entry.key()));
+            }
+        }
+        removed
     }
 
     /// Whether the store holds `key` (a key is held while it has at least one counter): adding

@@ -439,3 +439,30 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn removing_keys_frees_them_and_leaves_the_others() {
+    let mut store = WindowStore::new(StoreLimits { max_keys: 1000 });
+    for i in 0..600 {
+        store
+            .add(&format!("k{i}"), 100 + i64::from(i % 3), 1)
+            .expect("room");
+        store.add(&format!("k{i}"), 200, 2).expect("room");
+    }
+    let before = store.approx_heap_bytes();
+    let removed = store.remove_keys_where(|key| key.ends_with('0') || key.ends_with('5'));
+    assert_eq!(removed, 120);
+    assert_eq!(store.key_count(), 480);
+    assert_eq!(store.counter_count(), 960);
+    assert!(store.approx_heap_bytes() < before);
+    assert_eq!(store.count("k10", 300, 300), 0);
+    assert_eq!(store.count("k11", 300, 300), 3);
+    // Removed keys free their room under the key limit.
+    for i in 0..520 {
+        store.add(&format!("new{i}"), 100, 1).expect("room again");
+    }
+    // top_where ranks only the kept keys.
+    let top = store.top_where(300, 300, 3, "k", |key| key.ends_with('1'));
+    assert!(top.iter().all(|(key, _)| key.ends_with('1')), "{top:?}");
+    assert_eq!(top.len(), 3);
+}
