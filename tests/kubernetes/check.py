@@ -67,12 +67,16 @@ need(listen.endswith(f":{agg_port}"), f"aggregator listens on {listen}, advertis
 query_env = env(workloads["query"])
 for var in ("HITCOUNTER_AGGREGATOR", "HITCOUNTER_NODE_INDEX", "HITCOUNTER_NODES"):
     need(var not in query_env, f"query sets {var} (static placement; it reads the membership)")
+need(query_env.get("HITCOUNTER_MEMBERSHIP", {}).get("value") == "true",
+     "query: HITCOUNTER_MEMBERSHIP is not \"true\" (without it query uses a static --aggregator list)")
 need(query_env["HITCOUNTER_REPLICAS"]["value"] == agg_env["HITCOUNTER_REPLICAS"]["value"],
      "query and aggregators disagree on HITCOUNTER_REPLICAS")
 need(int(agg_env["HITCOUNTER_REPLICAS"]["value"]) <= replicas, "more replicas than aggregators")
 # A stopping aggregator hands its partitions over, then drains (30 s): the grace must cover both.
 grace = agg["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
-need(grace >= 60, f"aggregator terminationGracePeriodSeconds {grace}: too short to hand partitions over and drain")
+handoff = int(agg_env.get("HITCOUNTER_HANDOFF_TIMEOUT_SECONDS", {}).get("value", "60"))
+need(grace > handoff + 30,
+     f"aggregator terminationGracePeriodSeconds {grace}: not above the hand-over ({handoff} s) plus the 30 s drain")
 print(f"membership: {replicas} aggregators as $(POD_NAME), advertising {advertise}; query reads the membership")
 
 # NATS: 3 servers, routes and client URLs by the StatefulSet's stable names.
