@@ -357,6 +357,7 @@ reads = [json.loads(line) for line in open(f"{ctx}/reads.log")]
 longest, where, failed, first_fail = 0.0, None, 0, {}
 ok_while_down = {k: 0 for k in tally}
 errors, stray, during_moves = {}, [], {name: 0 for name in moves}
+failed_in = {}  # disruption: [first, last failure (s after it began), failures]
 last_count, went_back = {}, []
 slowest = 0.0  # the slowest successful read (a failover within the call takes time)
 for start, end, key, ok, detail in reads:
@@ -376,6 +377,11 @@ for start, end, key, ok, detail in reads:
         failed += 1
         errors[detail] = errors.get(detail, 0) + 1
         first_fail.setdefault(key, start)
+        for name, (a, b) in disruptions.items():
+            if a <= start <= b:
+                spans = failed_in.setdefault(name, [start - a, start - a, 0])
+                spans[0], spans[1] = min(spans[0], start - a), max(spans[1], start - a)
+                spans[2] += 1
         if not any(a <= start <= b for a, b in disruptions.values()):
             stray.append(f"{key} at {start:.3f}: {detail}")
         for name, (a, b) in moves.items():
@@ -402,6 +408,9 @@ for detail, n in sorted(errors.items(), key=lambda e: -e[1])[:5]:
     print(f"  {n} x {detail}")
 for name, (a, b) in disruptions.items():
     print(f"MEASURED {name}: down to healthy again in {(b - a) * 1000:.0f} ms")
+    if name in failed_in:
+        first, last, n = failed_in[name]
+        print(f"  {n} failed reads, {first:.1f} s to {last:.1f} s after it began")
 for name, (a, b) in moves.items():
     print(f"MEASURED {name}: settled in {(b - a) * 1000:.0f} ms (hitctl cluster status, 1 s polls)")
 print(f"MEASURED longest read outage: {longest * 1000:.0f} ms" + (f" ({where})" if where else "")
