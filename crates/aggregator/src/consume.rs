@@ -50,6 +50,8 @@ pub(crate) struct ReaderProgress {
     pub(crate) caught_up: AtomicBool,
     /// Messages the reader has yet to deliver, as of its last message.
     pub(crate) pending: AtomicU64,
+    /// Messages it has applied (or skipped as applied before).
+    pub(crate) applied: AtomicU64,
 }
 
 /// Reads a set of partitions and applies them.
@@ -115,6 +117,7 @@ impl PartitionReader {
                             Err(error) => return Err(error),
                         }
                         applied += 1;
+                        self.progress.applied.fetch_add(1, Ordering::Relaxed);
                         if pending == 0 || applied.is_multiple_of(RAISE_EVERY) {
                             self.applier.raise_positions(&self.partitions, sequence);
                         }

@@ -113,6 +113,7 @@ pub(crate) struct Controller {
 /// A running reader.
 struct Reader {
     partitions: BTreeSet<u32>,
+    started: tokio::time::Instant,
     progress: Arc<ReaderProgress>,
     stop: CancellationToken,
     task: JoinHandle<Result<(), AggregatorError>>,
@@ -149,6 +150,7 @@ impl Controller {
         );
         Some(Reader {
             partitions,
+            started: tokio::time::Instant::now(),
             progress,
             stop,
             task,
@@ -262,6 +264,12 @@ impl Controller {
                 .is_some_and(|r| r.progress.caught_up.load(Ordering::Acquire))
             {
                 // Built: readable now, and one reader again (both are close to the end).
+                let (took, messages) = building_reader.as_ref().map_or((Duration::ZERO, 0), |r| {
+                    (
+                        r.started.elapsed(),
+                        r.progress.applied.load(Ordering::Relaxed),
+                    )
+                });
                 let built = take_stopped(&mut building_reader).await?;
                 let mut all = built.clone();
                 all.extend(take_stopped(&mut ready_reader).await?);
@@ -269,7 +277,9 @@ impl Controller {
                     state.building.remove(p);
                     state.ready.insert(*p);
                 }
-                tracing::info!(partitions = ?built, "built: serving reads");
+                tracing::info!(partitions = ?built, messages, seconds = took.as_secs_f64(), "built: serving reads");
+                metrics::histogram!("hitcounter_aggregator_partition_build_seconds")
+                    .record(took.as_secs_f64());
                 metrics::counter!("hitcounter_aggregator_partitions_moved_total", "change" => "built")
                     .increment(built.len() as u64);
                 ready_reader = self.start_reader(all, "ready");

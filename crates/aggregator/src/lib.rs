@@ -87,6 +87,15 @@ async fn open_cluster(
             .map_err(|e| AggregatorError::Startup(e.to_string()))?;
             let members = membership.watch().await;
             let address = config.advertised_address();
+            if let Some(other) = members
+                .borrow()
+                .get(node_id)
+                .filter(|other| other.address != address)
+            {
+                // Either this node restarted somewhere else within a member TTL (harmless), or
+                // two aggregators were given the same id (they would take turns announcing it).
+                tracing::warn!(node = %node_id, %address, other = %other.address, "the membership already lists this --node-id at another address: if another aggregator runs with this id, give each its own");
+            }
             tracing::info!(
                 stream = stream.name(),
                 node = %node_id,

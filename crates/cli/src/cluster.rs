@@ -32,6 +32,9 @@ pub(crate) async fn status(args: ClusterStatusArgs, out: Printer) -> Result<Outc
         nats_replicas: 1,
         nats_max_bytes: 0,
         nats_timeout_ms: args.nats_timeout_ms,
+        nats_ca_cert: args.nats_ca_cert.clone(),
+        nats_tls_cert: args.nats_tls_cert.clone(),
+        nats_tls_key: args.nats_tls_key.clone(),
     };
     let stream = HitStream::open_existing(&cluster).await?;
     let members = match existing_membership(&stream, args.membership.ttl()).await? {

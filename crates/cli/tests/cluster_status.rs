@@ -40,6 +40,9 @@ async fn hitctl(args: &[&str]) -> Output {
         "HITCOUNTER_REPLICAS",
         "HITCOUNTER_MEMBER_TTL_MS",
         "HITCOUNTER_NATS_TIMEOUT_MS",
+        "HITCOUNTER_NATS_CA_CERT",
+        "HITCOUNTER_NATS_TLS_CERT",
+        "HITCOUNTER_NATS_TLS_KEY",
     ] {
         command.env_remove(var);
     }
@@ -62,6 +65,9 @@ fn cluster_args(nats: &NatsCluster, stream: &str) -> ClusterArgs {
         nats_replicas: 1,
         nats_max_bytes: 64 << 20,
         nats_timeout_ms: 5000,
+        nats_ca_cert: None,
+        nats_tls_cert: None,
+        nats_tls_key: None,
     }
 }
 

@@ -4,8 +4,12 @@
 //! service must agree on the stream (`--nats-stream`) and, when the stream is first created, on
 //! `--partitions`; a later mismatch refuses to start (the partitions live in the stream's
 //! metadata, so a key can never be counted under two partition numbers).
+//!
+//! `--nats-ca-cert` makes every connection to NATS TLS (plain text refused), and
+//! `--nats-tls-cert`/`--nats-tls-key` add the client certificate that servers with
+//! `tls { verify: true }` require: mutual TLS. The files are read once, at start-up.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 /// The flags every clustered service takes.
 #[derive(Debug, Clone, clap::Args)]
@@ -38,6 +42,30 @@ pub struct ClusterArgs {
     /// How long one request to NATS (a publish, a read) may take before it counts as failed.
     #[arg(long, env = "HITCOUNTER_NATS_TIMEOUT_MS", default_value_t = 5000)]
     pub nats_timeout_ms: u64,
+
+    /// CA certificate (PEM) that signs the NATS servers' certificates: every connection to NATS
+    /// is then TLS, trusting only servers it signed (a server offering plain text is refused).
+    #[arg(long, env = "HITCOUNTER_NATS_CA_CERT", value_name = "FILE")]
+    pub nats_ca_cert: Option<PathBuf>,
+
+    /// Client certificate (PEM, leaf first) presented to NATS servers that verify clients
+    /// (`tls { verify: true }`): mutual TLS. Needs --nats-tls-key and --nats-ca-cert.
+    #[arg(
+        long,
+        env = "HITCOUNTER_NATS_TLS_CERT",
+        value_name = "FILE",
+        requires_all = ["nats_tls_key", "nats_ca_cert"]
+    )]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, PKCS#1 or SEC1) of --nats-tls-cert.
+    #[arg(
+        long,
+        env = "HITCOUNTER_NATS_TLS_KEY",
+        value_name = "FILE",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<PathBuf>,
 }
 
 /// Partitions of a stream created without `--partitions`.

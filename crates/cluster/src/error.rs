@@ -12,6 +12,18 @@ pub enum ClusterError {
         #[source]
         source: async_nats::ConnectError,
     },
+    /// TLS with the NATS servers failed in a way trying again cannot fix: a certificate not
+    /// trusted, a client certificate missing or refused, a server without TLS.
+    #[error("cannot connect to NATS at {urls} over TLS: {reason}")]
+    Tls {
+        /// The URLs tried.
+        urls: String,
+        /// What went wrong, naming the flag to look at.
+        reason: String,
+        /// The cause.
+        #[source]
+        source: async_nats::ConnectError,
+    },
     /// The stream exists with a different partition count.
     #[error("the stream {stream} was created with {existing} partitions but this service was started with --partitions {configured}: start it with --partitions {existing} (the partition count is fixed when the stream is created)")]
     PartitionMismatch {

@@ -142,7 +142,8 @@ impl HitStream {
     /// # Errors
     /// Fails when the servers cannot be reached or the stream does not exist.
     pub async fn open_existing(args: &ClusterArgs) -> Result<Self, ClusterError> {
-        Self::open_once(args, None).await
+        let tls = tls_config(args)?;
+        Self::open_once(args, None, tls.as_ref()).await
     }
 
     async fn open_retrying(
@@ -151,14 +152,18 @@ impl HitStream {
     ) -> Result<Self, ClusterError> {
         // Services and NATS servers start in any order (compose, Kubernetes, by hand), and a
         // fresh JetStream cluster needs a few seconds to elect its meta leader: keep trying
-        // for a while, saying so, before giving up with the last error.
+        // for a while, saying so, before giving up with the last error. The TLS files are
+        // read once: a bad one stops the start-up at once, naming its flag.
+        let tls = tls_config(args)?;
         let deadline = tokio::time::Instant::now() + START_WAIT;
         loop {
-            match Self::open_once(args, max_age).await {
+            match Self::open_once(args, max_age, tls.as_ref()).await {
                 Ok(stream) => return Ok(stream),
-                Err(error @ (ClusterError::PartitionMismatch { .. } | ClusterError::Config(_))) => {
-                    return Err(error)
-                }
+                Err(
+                    error @ (ClusterError::PartitionMismatch { .. }
+                    | ClusterError::Config(_)
+                    | ClusterError::Tls { .. }),
+                ) => return Err(error),
                 Err(error) if tokio::time::Instant::now() < deadline => {
                     tracing::warn!(%error, "the cluster's log is not ready; trying again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -171,6 +176,7 @@ impl HitStream {
     async fn open_once(
         args: &ClusterArgs,
         max_age: Option<Duration>,
+        tls: Option<&rustls::ClientConfig>,
     ) -> Result<Self, ClusterError> {
         let urls = args.nats.join(",");
         let addrs = args
@@ -179,19 +185,33 @@ impl HitStream {
             .map(|url| url.parse::<ServerAddr>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ClusterError::Config(format!("--nats {urls}: {e}")))?;
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new()
             .name("hitcounter")
             .connection_timeout(args.timeout())
             // A server cut off the network is noticed by missed pings (two in a row), and the
             // client moves to another server: every 5 s, not the default minute, so a cut
             // costs seconds of publishes, not minutes.
-            .ping_interval(Duration::from_secs(5))
-            .connect(addrs)
-            .await
-            .map_err(|source| ClusterError::Connect {
-                urls: urls.clone(),
-                source,
-            })?;
+            .ping_interval(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            // TLS to every server, plain text refused, with only the CA of --nats-ca-cert
+            // trusted (not the system's roots).
+            options = options.require_tls(true).tls_client_config(tls.clone());
+        }
+        let client =
+            options
+                .connect(addrs)
+                .await
+                .map_err(|source| match tls_failure(args, &source) {
+                    Some(reason) => ClusterError::Tls {
+                        urls: urls.clone(),
+                        reason,
+                        source,
+                    },
+                    None => ClusterError::Connect {
+                        urls: urls.clone(),
+                        source,
+                    },
+                })?;
         let js = jetstream::ContextBuilder::new()
             .timeout(args.timeout())
             .build(client);
@@ -235,7 +255,18 @@ impl HitStream {
                 Err(created) => js
                     .get_stream(&name)
                     .await
-                    .map_err(|_| stream_error(format!("cannot create it: {created}")))?,
+                    .map_err(|_| {
+                        let hint = if created.to_string().contains("insufficient") {
+                            format!(
+                                " (each of the {} NATS servers must be able to reserve \
+                                 --nats-max-bytes {} on its disk: free space there or lower it)",
+                                args.nats_replicas, args.nats_max_bytes
+                            )
+                        } else {
+                            String::new()
+                        };
+                        stream_error(format!("cannot create it: {created}{hint}"))
+                    })?,
             },
         };
         let info = stream
@@ -490,6 +521,115 @@ impl HitStream {
             }),
         ))
     }
+}
+
+/// The TLS configuration of the connections to NATS (`--nats-ca-cert`, and the client
+/// certificate of `--nats-tls-cert`/`--nats-tls-key`); `None` without `--nats-ca-cert`.
+fn tls_config(args: &ClusterArgs) -> Result<Option<rustls::ClientConfig>, ClusterError> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+
+    let Some(ca) = &args.nats_ca_cert else {
+        return match args.nats_tls_cert {
+            Some(_) => Err(ClusterError::Config(
+                "--nats-tls-cert needs --nats-ca-cert (the CA of the NATS servers)".into(),
+            )),
+            None => Ok(None),
+        };
+    };
+    let bad_file = |flag: &str, path: &std::path::Path, what: String| {
+        ClusterError::Config(format!("{flag} {}: {what}", path.display()))
+    };
+    let certificates = |flag: &str, path: &std::path::Path| {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| bad_file(flag, path, e.to_string()))?;
+        if certs.is_empty() {
+            return Err(bad_file(flag, path, "holds no PEM certificate".into()));
+        }
+        Ok(certs)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certificates("--nats-ca-cert", ca)? {
+        roots
+            .add(cert)
+            .map_err(|e| bad_file("--nats-ca-cert", ca, e.to_string()))?;
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ClusterError::Config(format!("TLS to NATS: {e}")))?
+    .with_root_certificates(roots);
+    let config = match (&args.nats_tls_cert, &args.nats_tls_key) {
+        (Some(cert_path), Some(key_path)) => {
+            let chain = certificates("--nats-tls-cert", cert_path)?;
+            let key = PrivateKeyDer::from_pem_file(key_path)
+                .map_err(|e| bad_file("--nats-tls-key", key_path, e.to_string()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|e| {
+                bad_file(
+                    "--nats-tls-key",
+                    key_path,
+                    format!("does not fit --nats-tls-cert {}: {e}", cert_path.display()),
+                )
+            })?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => {
+            return Err(ClusterError::Config(
+                "--nats-tls-cert and --nats-tls-key go together".into(),
+            ))
+        }
+    };
+    Ok(Some(config))
+}
+
+/// What went wrong, naming the flag to look at, when a connection to NATS failed in its TLS:
+/// a certificate refused or not trusted is not fixed by waiting, unlike a server still starting.
+/// `None` for every other failure.
+fn tls_failure(args: &ClusterArgs, error: &async_nats::ConnectError) -> Option<String> {
+    if error.kind() == async_nats::ConnectErrorKind::Tls {
+        return Some(format!(
+            "{error}: check --nats-ca-cert, --nats-tls-cert and --nats-tls-key"
+        ));
+    }
+    // The handshake's errors come as an io::Error wrapping rustls' own, somewhere in the chain.
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    let tls = loop {
+        let current = cause?;
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            break tls;
+        }
+        if let Some(tls) = current
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            break tls;
+        }
+        cause = current.source();
+    };
+    Some(match tls {
+        rustls::Error::AlertReceived(alert) if args.nats_tls_cert.is_none() => format!(
+            "the servers ended the handshake ({alert:?}): they require a client certificate; \
+             give --nats-tls-cert and --nats-tls-key"
+        ),
+        rustls::Error::AlertReceived(alert) => format!(
+            "the servers refused this service's client certificate ({alert:?}): is \
+             --nats-tls-cert signed by the CA of their tls {{ ca_file }}, and still valid?"
+        ),
+        rustls::Error::InvalidCertificate(why) if args.nats_ca_cert.is_none() => format!(
+            "the servers require TLS and their certificate is not trusted ({why:?}): give \
+             --nats-ca-cert, the CA that signs their certificates"
+        ),
+        rustls::Error::InvalidCertificate(why) => format!(
+            "the servers' certificate is not accepted ({why:?}): is it signed by \
+             --nats-ca-cert, valid now, and for the host name or address given in --nats?"
+        ),
+        other => format!(
+            "{other}: do the servers speak TLS (a tls block in their configuration), and is \
+             --nats-ca-cert their CA?"
+        ),
+    })
 }
 
 /// Sorts a failed batch publish into what the publisher can do about it.

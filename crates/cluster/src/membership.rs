@@ -140,6 +140,8 @@ impl Membership {
                     history: 1,
                     max_age: ttl,
                     max_value_size: MAX_ENTRY_BYTES,
+                    // Bounded like everything else: room for 256 members at the largest entry.
+                    max_bytes: i64::from(MAX_ENTRY_BYTES) * 256,
                     storage: StorageType::Memory,
                     num_replicas: replicas.max(1),
                     // The servers leave a marker when an entry ages out, so watchers learn

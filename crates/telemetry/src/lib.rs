@@ -94,7 +94,42 @@ pub struct ServiceArgs {
         default_value_t = 20
     )]
     pub http2_keepalive_timeout_seconds: u64,
+
+    /// Close a connection on which no call has been open for this many seconds; 0 never.
+    /// Counted in `hitcounter_grpc_connections_closed_idle_total{reason="timeout"}`. (At
+    /// `--max-connections`, a new connection closes the longest-idle one whatever this is.)
+    #[arg(
+        long,
+        env = "HITCOUNTER_IDLE_CONNECTION_TIMEOUT_SECONDS",
+        default_value_t = 300
+    )]
+    pub idle_connection_timeout_seconds: u64,
+
+    /// HTTP/2 flow-control window of each call's request body, in bytes: what a client may send
+    /// on one call before the server has read it. Bounds the memory of a call whose handler
+    /// stopped reading (a stream pushed back); larger windows help uploads over long round trips.
+    #[arg(
+        long,
+        env = "HITCOUNTER_HTTP2_STREAM_WINDOW_BYTES",
+        default_value_t = 64 * 1024,
+        value_parser = clap::value_parser!(u32).range(1024..=i64::from(MAX_WINDOW))
+    )]
+    pub http2_stream_window_bytes: u32,
+
+    /// HTTP/2 flow-control window of a whole connection, in bytes: what a client may send on
+    /// all its calls together before the server has read it. With `--max-connections`, bounds
+    /// the memory of request bytes received and not yet read.
+    #[arg(
+        long,
+        env = "HITCOUNTER_HTTP2_CONNECTION_WINDOW_BYTES",
+        default_value_t = 256 * 1024,
+        value_parser = clap::value_parser!(u32).range(1024..=i64::from(MAX_WINDOW))
+    )]
+    pub http2_connection_window_bytes: u32,
 }
+
+/// The largest HTTP/2 flow-control window (RFC 9113 §6.9.1: 2^31 - 1).
+const MAX_WINDOW: u32 = (1 << 31) - 1;
 
 /// The HTTP/2 and connection limits of one gRPC server (see the `ServiceArgs` flags).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +142,12 @@ pub struct ServerLimits {
     pub keepalive_interval: Option<Duration>,
     /// Keepalive ping deadline.
     pub keepalive_timeout: Duration,
+    /// A connection with no open call this long is closed; `None` never.
+    pub idle_timeout: Option<Duration>,
+    /// HTTP/2 receive window per stream (call), bytes.
+    pub stream_window: u32,
+    /// HTTP/2 receive window per connection, bytes.
+    pub connection_window: u32,
 }
 
 impl Default for ServerLimits {
@@ -116,6 +157,9 @@ impl Default for ServerLimits {
             max_concurrent_streams: 1024,
             keepalive_interval: Some(Duration::from_secs(60)),
             keepalive_timeout: Duration::from_secs(20),
+            idle_timeout: Some(Duration::from_secs(300)),
+            stream_window: 64 * 1024,
+            connection_window: 256 * 1024,
         }
     }
 }
@@ -159,6 +203,10 @@ impl ServiceArgs {
             keepalive_interval: (self.http2_keepalive_interval_seconds > 0)
                 .then(|| Duration::from_secs(self.http2_keepalive_interval_seconds)),
             keepalive_timeout: Duration::from_secs(self.http2_keepalive_timeout_seconds.max(1)),
+            idle_timeout: (self.idle_connection_timeout_seconds > 0)
+                .then(|| Duration::from_secs(self.idle_connection_timeout_seconds)),
+            stream_window: self.http2_stream_window_bytes.clamp(1024, MAX_WINDOW),
+            connection_window: self.http2_connection_window_bytes.clamp(1024, MAX_WINDOW),
         }
     }
 

@@ -9,13 +9,16 @@
 //! The server-side tower stack is composed here, in one place, outermost first:
 //!
 //! ```text
-//!  connection (hitcounter-transport: TCP_NODELAY, one write per flush)
+//!  connection (hitcounter-transport: TCP_NODELAY, one write per flush, --max-connections with
+//!   │          the longest-idle connection closed to make room, --idle-connection-timeout-seconds)
+//!   │          HTTP/2 (hyper): --max-concurrent-streams, keepalive, --http2-*-window-bytes
 //!   └─ TLS                   when the listeners carry a ServerTls (--tls-cert/--tls-key, and
 //!       │                    --tls-client-ca for mutual TLS); re-read on SIGHUP
-//!       └─ AuthenticateLayer public ports only: bearer token → Principal, or UNAUTHENTICATED
-//!           └─ routes        own service | health | reflection | "served elsewhere" fallback
-//!               └─ handler   decodes, then role / key scope / quota checks of the Principal,
-//!                            per-RPC metrics (rpc::observe) and the service's own work
+//!       └─ TrackCallsLayer   counts each connection's open calls, for the idle close
+//!           └─ AuthenticateLayer public ports only: bearer token → Principal, or UNAUTHENTICATED
+//!               └─ routes    own service | health | reflection | "served elsewhere" fallback
+//!                   └─ handler decodes, then role / key scope / quota checks of the
+//!                              Principal, per-RPC metrics (rpc::observe) and its own work
 //! ```
 
 use std::sync::Arc;
@@ -181,14 +184,31 @@ where
         .set(limits.keepalive_interval.map_or(0.0, |i| i.as_secs_f64()));
     metrics::gauge!("hitcounter_grpc_keepalive_timeout_seconds", "service" => S::NAME)
         .set(limits.keepalive_timeout.as_secs_f64());
-    let connections = hitcounter_transport::ConnectionLimit::new(limits.max_connections, S::NAME);
+    metrics::gauge!("hitcounter_grpc_http2_stream_window_bytes", "service" => S::NAME)
+        .set(f64::from(limits.stream_window));
+    metrics::gauge!("hitcounter_grpc_http2_connection_window_bytes", "service" => S::NAME)
+        .set(f64::from(limits.connection_window));
+    let connections = hitcounter_transport::ConnectionLimit::new(limits.max_connections, S::NAME)
+        .with_idle_timeout(limits.idle_timeout);
     let router = tonic::transport::Server::builder()
         // A client cannot open more calls on one connection than this (REFUSED_STREAM beyond).
         .max_concurrent_streams(Some(limits.max_concurrent_streams))
+        // What a client may send before the server reads it: the request bytes a call whose
+        // handler stopped reading (a stream pushed back, a client that never reads its
+        // answers and so is not answered) holds in memory. hyper's default is 1 MiB for both,
+        // which let 1000 never-reading StreamHits clients pin 1.9 GiB (docs/performance.md).
+        // What the server sends a client that does not read is bounded by the client's own
+        // window: hyper asks h2 for send capacity before each chunk of a response.
+        .initial_stream_window_size(Some(limits.stream_window))
+        .initial_connection_window_size(Some(limits.connection_window))
         // Pings find peers that vanished without a FIN (a dead host, a dropped NAT entry), so
         // their connections and streams do not hold a place under --max-connections forever.
         .http2_keepalive_interval(limits.keepalive_interval)
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        // Outermost: every call counts as open on its connection until its response ends, so
+        // that only connections without one are closed as idle (--idle-connection-timeout-
+        // seconds, and eviction at --max-connections; hitcounter-transport's `idle`).
+        .layer(hitcounter_transport::TrackCallsLayer)
         .layer(layer)
         .add_routes(routes.into());
     let stopped = shutdown.clone().cancelled_owned();

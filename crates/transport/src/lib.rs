@@ -21,10 +21,12 @@
 //! to serve TLS (the handshake runs on top of the [`CoalescingStream`], so every TLS flush is
 //! still one write).
 
+pub mod idle;
 pub mod tls;
 
 mod limit;
 
+pub use idle::{ConnectionInfo, TrackCalls, TrackCallsLayer};
 pub use limit::{ConnectionLimit, ConnectionPermit};
 
 use std::{
@@ -40,7 +42,7 @@ use tokio::{
     net::TcpStream,
 };
 use tonic::transport::{
-    server::{Connected, TcpConnectInfo, TcpIncoming},
+    server::{Connected, TcpIncoming},
     Channel, Endpoint, Uri,
 };
 
@@ -59,8 +61,9 @@ pub struct CoalescingStream<S> {
     written: usize,
     /// The current flush has already yielded once.
     yielded: bool,
-    /// This connection's place under `--max-connections`, given back when it is dropped.
-    _permit: Option<ConnectionPermit>,
+    /// This connection's place under `--max-connections`, given back when it is dropped, and
+    /// its idle close (see [`idle`]).
+    permit: Option<ConnectionPermit>,
 }
 
 impl<S> CoalescingStream<S> {
@@ -71,14 +74,14 @@ impl<S> CoalescingStream<S> {
             pending: Vec::new(),
             written: 0,
             yielded: false,
-            _permit: None,
+            permit: None,
         }
     }
 
     /// Wraps `inner`, holding `permit` (a place under a connection limit) while it lives.
     pub fn with_permit(inner: S, permit: ConnectionPermit) -> Self {
         Self {
-            _permit: Some(permit),
+            permit: Some(permit),
             ..Self::new(inner)
         }
     }
@@ -121,7 +124,24 @@ impl<S: AsyncRead + Unpin> AsyncRead for CoalescingStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        // An idle connection ends here: its reads see end-of-file, and hyper closes it.
+        if let Some(permit) = &mut self.permit {
+            if permit.idle.is_closed() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Some(permit) = &mut self.permit {
+            match read {
+                Poll::Ready(_) if buf.filled().len() > before => permit.idle.read(),
+                Poll::Pending if permit.idle.poll_close(cx).is_ready() => {
+                    return Poll::Ready(Ok(()));
+                }
+                _ => {}
+            }
+        }
+        read
     }
 }
 
@@ -182,10 +202,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CoalescingStream<S> {
 }
 
 impl Connected for CoalescingStream<TcpStream> {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnectionInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        ConnectionInfo::new(
+            self.inner.connect_info(),
+            self.permit
+                .as_ref()
+                .map(|permit| std::sync::Arc::clone(permit.idle.activity())),
+        )
     }
 }
 
@@ -258,14 +283,17 @@ fn accepted(
         .with_nodelay(Some(true))
         .with_keepalive(Some(std::time::Duration::from_secs(60)))
         .filter_map(move |accepted| {
-            let admitted = match (accepted, &limit) {
-                (Err(error), _) => Some(Err(error)),
-                (Ok(stream), None) => Some(Ok((stream, None))),
-                (Ok(stream), Some(limit)) => limit
-                    .admit(&stream)
-                    .map(|permit| Ok((stream, Some(permit)))),
-            };
-            std::future::ready(admitted)
+            let limit = limit.clone();
+            async move {
+                match (accepted, limit) {
+                    (Err(error), _) => Some(Err(error)),
+                    (Ok(stream), None) => Some(Ok((stream, None))),
+                    (Ok(stream), Some(limit)) => limit
+                        .admit(&stream)
+                        .await
+                        .map(|permit| Ok((stream, Some(permit)))),
+                }
+            }
         })
 }
 

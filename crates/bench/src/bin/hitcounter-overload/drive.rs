@@ -461,7 +461,8 @@ pub(crate) struct NeverReaders {
     pub(crate) watches: usize,
 }
 
-/// Phase 3: `--never-readers` StreamHits that send batches of 10 hits for as long as the server
+/// Phase 3: `--never-readers` StreamHits that send batches of `--never-reader-batch` hits (10)
+/// for as long as the server
 /// reads them and never read an answer, as many WatchHits (100 ms) never read, held for
 /// `--hold-seconds` while a normal client records; then the StreamHits clients stop sending,
 /// read everything they were answered, and go.
@@ -493,6 +494,7 @@ pub(crate) async fn never_readers(
             keys: Arc::clone(&phase.keys),
         };
         let mut start_rx = start_rx.clone();
+        let batch = args.never_reader_batch;
         feeders.push(tokio::spawn(async move {
             let mut rng = SmallRng::seed_from_u64(5000 + i as u64);
             let Ok(stop) = start_rx
@@ -503,7 +505,7 @@ pub(crate) async fn never_readers(
                 return;
             };
             loop {
-                let batch = keys.batch(&mut rng, 10);
+                let batch = keys.batch(&mut rng, batch);
                 tokio::select! {
                     sent = tx.send(batch) => if sent.is_err() { break },
                     _ = tokio::time::sleep_until(stop) => break,
@@ -595,4 +597,153 @@ pub(crate) async fn idle_connections(
         outcomes: tally.outcomes(),
         normal,
     })
+}
+
+/// What phase 5 saw.
+pub(crate) struct SlowUploads {
+    /// Connections whose upload started (HTTP/2 handshake and request headers sent).
+    pub(crate) started: usize,
+    pub(crate) opened_in: Duration,
+    pub(crate) first_error: Option<String>,
+    pub(crate) outcomes: Outcomes,
+    pub(crate) normal: Normal,
+}
+
+/// Phase 5: `--slow-uploads` connections, each sending one `RecordHits` of `--batch` hits as
+/// `--slow-upload-pieces` DATA frames spread evenly over `--hold-seconds` (a raw HTTP/2 client:
+/// tonic sends a message whole), while a normal client records; then every upload's answer is
+/// read.
+pub(crate) async fn slow_uploads(
+    server: &Server,
+    phase: &Phase,
+    args: &Args,
+) -> anyhow::Result<SlowUploads> {
+    let tally = Tally::new(args.hold_seconds + 600);
+    let addr = server.ingest;
+    let pieces = args.slow_upload_pieces.max(1);
+    let interval = Duration::from_secs_f64(args.hold_seconds as f64 / pieces as f64);
+    let opening = Instant::now();
+    // Each upload is opened (handshake, headers) first, then trickles from a common start.
+    let (start_tx, start_rx) = tokio::sync::watch::channel(false);
+    let opened: Vec<anyhow::Result<tokio::task::JoinHandle<()>>> =
+        futures::stream::iter(0..args.slow_uploads)
+            .map(|i| {
+                let mut rng = SmallRng::seed_from_u64(9000 + i as u64);
+                let request = phase.batch(&mut rng, args.batch);
+                let tally = Arc::clone(&tally);
+                let mut start_rx = start_rx.clone();
+                async move {
+                    let (send, response) = open_raw_record_hits(addr).await?;
+                    Ok(tokio::spawn(async move {
+                        let _ = start_rx.wait_for(|started| *started).await;
+                        let hits = request.hits.len() as u64;
+                        match trickle(send, response, request, pieces, interval).await {
+                            Ok(accepted) => tally.acknowledged(accepted),
+                            Err(status) => tally.unary_failed(&status, hits),
+                        }
+                    }))
+                }
+            })
+            .buffer_unordered(256)
+            .collect()
+            .await;
+    let opened_in = opening.elapsed();
+    let first_error = opened
+        .iter()
+        .find_map(|r| r.as_ref().err().map(|e| format!("{e:#}")));
+    let uploads: Vec<_> = opened.into_iter().filter_map(Result::ok).collect();
+    let started = uploads.len();
+    let _ = start_tx.send(true);
+    let stop = Instant::now() + Duration::from_secs(args.hold_seconds);
+    let normal = normal_client(server, phase, &tally, stop).await?;
+    for upload in uploads {
+        upload.await?;
+    }
+    Ok(SlowUploads {
+        started,
+        opened_in,
+        first_error,
+        outcomes: tally.outcomes(),
+        normal,
+    })
+}
+
+type RawResponse = h2::client::ResponseFuture;
+
+/// A new HTTP/2 connection to ingest with one `RecordHits` call opened on it (headers sent,
+/// no body yet).
+async fn open_raw_record_hits(
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<(h2::SendStream<bytes::Bytes>, RawResponse)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut client = client.ready().await?;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{addr}/hitcounter.v1.Ingest/RecordHits"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())?;
+    let (response, send) = client.send_request(request, false)?;
+    Ok((send, response))
+}
+
+/// Sends `request` as `pieces` DATA frames `interval` apart, then reads the answer: the hits
+/// accepted, or the call's status.
+async fn trickle(
+    mut send: h2::SendStream<bytes::Bytes>,
+    response: RawResponse,
+    request: RecordHitsRequest,
+    pieces: usize,
+    interval: Duration,
+) -> Result<u64, tonic::Status> {
+    use prost::Message;
+    let broken = |e: h2::Error| tonic::Status::unavailable(format!("connection: {e}"));
+    let message = request.encode_to_vec();
+    let len = u32::try_from(message.len())
+        .map_err(|_| tonic::Status::internal("request too large for a gRPC frame"))?;
+    let mut body = Vec::with_capacity(5 + message.len());
+    body.push(0);
+    body.extend_from_slice(&len.to_be_bytes());
+    body.extend_from_slice(&message);
+    let piece = body.len().div_ceil(pieces);
+    for chunk in body.chunks(piece) {
+        tokio::time::sleep(interval).await;
+        send.send_data(bytes::Bytes::copy_from_slice(chunk), false)
+            .map_err(broken)?;
+    }
+    send.send_data(bytes::Bytes::new(), true).map_err(broken)?;
+    let (head, mut answer) = response.await.map_err(broken)?.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = answer.data().await {
+        let chunk = chunk.map_err(broken)?;
+        let _ = answer.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = answer.trailers().await.map_err(broken)?;
+    let status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| head.headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+        .unwrap_or(2);
+    if status != 0 {
+        let message = trailers
+            .as_ref()
+            .and_then(|t| t.get("grpc-message"))
+            .or_else(|| head.headers.get("grpc-message"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        return Err(tonic::Status::new(tonic::Code::from(status), message));
+    }
+    let answer = data
+        .get(5..)
+        .and_then(|m| hitcounter_proto::v1::RecordHitsResponse::decode(m).ok())
+        .ok_or_else(|| tonic::Status::internal("an OK answer without a RecordHitsResponse"))?;
+    Ok(answer.accepted)
 }

@@ -13,11 +13,17 @@
 //!    the **recovery**: from the end of the overload until a probe `RecordHit` is answered
 //!    within twice its latency before the overload, and until everything acknowledged is
 //!    visible through Query;
-//! 3. **never-readers**: `--never-readers` `StreamHits` streams and as many `WatchHits` that
+//! 3. **never-readers**: `--never-readers` `StreamHits` streams (sending batches of
+//!    `--never-reader-batch` hits while the server reads them) and as many `WatchHits` that
 //!    never read a response (1 KiB HTTP/2 stream windows), held `--hold-seconds` while a
 //!    normal client keeps recording: resident set, and the normal client's latency;
 //! 4. **idle connections**: `--idle-connections` HTTP/2 connections to ingest that send
-//!    nothing, held `--hold-seconds`: resident set, and a normal client still served.
+//!    nothing, held `--hold-seconds`: resident set, a normal client still served, and the
+//!    connections the server closed as idle (timed out, or evicted at `--max-connections`)
+//!    or refused;
+//! 5. **slow uploads**: `--slow-uploads` connections, each uploading one `RecordHits` of
+//!    `--batch` hits in `--slow-upload-pieces` DATA frames spread over `--hold-seconds`:
+//!    resident set, and a normal client still served.
 //!
 //! After each phase every acknowledged hit must be counted: the workload sums what it was
 //! acknowledged per phase (each phase has its own keys) and compares it with the sum of
@@ -78,6 +84,10 @@ pub(crate) struct Args {
     /// StreamHits streams, and WatchHits streams, that never read a response.
     #[arg(long, default_value_t = 1000)]
     never_readers: usize,
+    /// Hits per batch of a never-reading StreamHits client (larger batches fill the server's
+    /// HTTP/2 windows with less of the load generator's CPU).
+    #[arg(long, default_value_t = 10)]
+    never_reader_batch: usize,
     /// Idle HTTP/2 connections to ingest.
     #[arg(long, default_value_t = 10_000)]
     idle_connections: usize,
@@ -90,9 +100,18 @@ pub(crate) struct Args {
     /// Extra arguments of `hitcounter all`, e.g. `--server-arg=--fsync=never`.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
-    /// Skip phases 3 and 4 (never-readers and idle connections).
-    #[arg(long)]
+    /// Connections of the slow-upload phase, each with one slowly sent `RecordHits`.
+    #[arg(long, default_value_t = 1000)]
+    slow_uploads: usize,
+    /// DATA frames each slow upload is cut into, sent evenly over `--hold-seconds`.
+    #[arg(long, default_value_t = 16)]
+    slow_upload_pieces: usize,
+    /// Skip phases 3, 4 and 5 (never-readers, idle connections, slow uploads).
+    #[arg(long, conflicts_with = "only_abusive")]
     no_abusive: bool,
+    /// Run only phases 3, 4 and 5.
+    #[arg(long)]
+    only_abusive: bool,
 }
 
 #[tokio::main]
@@ -112,66 +131,68 @@ async fn main() -> anyhow::Result<()> {
     println!("started hitcounter all (pid {})", server.pid());
     println!("resident set at start: {}", mib(rss.now()));
 
-    // 1. Capacity.
-    let capacity_phase = Phase::new("cap", args.keys);
-    rss.reset();
-    let cpu = Cpu::start(&server);
-    let capacity = drive::closed_loop(&server, &capacity_phase, &args).await?;
-    let capacity_cpu = cpu.report();
-    let capacity_rate = capacity.acknowledged_hits as f64 / args.capacity_seconds as f64;
-    println!(
-        "\n[1] capacity: {} streams x {}-hit batches for {} s: {:.0} hits/s acknowledged; max RSS {}",
-        args.streams,
-        args.batch,
-        args.capacity_seconds,
-        capacity_rate,
-        mib(rss.max())
-    );
-    print_outcomes(&capacity);
-    println!("    {capacity_cpu}");
-    check_counted(&server, &capacity_phase, &capacity, &args).await?;
+    if !args.only_abusive {
+        // 1. Capacity.
+        let capacity_phase = Phase::new("cap", args.keys);
+        rss.reset();
+        let cpu = Cpu::start(&server);
+        let capacity = drive::closed_loop(&server, &capacity_phase, &args).await?;
+        let capacity_cpu = cpu.report();
+        let capacity_rate = capacity.acknowledged_hits as f64 / args.capacity_seconds as f64;
+        println!(
+            "\n[1] capacity: {} streams x {}-hit batches for {} s: {:.0} hits/s acknowledged; max RSS {}",
+            args.streams,
+            args.batch,
+            args.capacity_seconds,
+            capacity_rate,
+            mib(rss.max())
+        );
+        print_outcomes(&capacity);
+        println!("    {capacity_cpu}");
+        check_counted(&server, &capacity_phase, &capacity, &args).await?;
 
-    // 2. Overload.
-    let baseline = drive::probe_latency(&server, 20).await?;
-    println!("\nprobe RecordHit latency before the overload: {baseline:?} (median of 20)");
-    let overload_phase = Phase::new("ovl", args.keys);
-    let offered = (capacity_rate * args.factor).max(1.0) as u64;
-    rss.reset();
-    let cpu = Cpu::start(&server);
-    let overload = drive::open_loop(&server, &overload_phase, &args, offered, &rss).await?;
-    let overload_cpu = cpu.report();
-    let overload_rate = overload.acknowledged_hits as f64 / args.overload_seconds as f64;
-    println!(
-        "\n[2] overload: {offered} hits/s offered ({}x capacity) for {} s: {:.0} hits/s acknowledged ({:.0}% of capacity); max RSS {}",
-        args.factor,
-        args.overload_seconds,
-        overload_rate,
-        100.0 * overload_rate / capacity_rate.max(1.0),
-        mib(rss.max())
-    );
-    print_outcomes(&overload);
-    println!("    {overload_cpu}");
-    println!("    RSS per 5 s (max of each): {}", rss.timeline_mib(5));
-    println!(
-        "    acknowledged hits per 5 s: {}",
-        overload
-            .per_second
-            .chunks(5)
-            .map(|c| c.iter().sum::<u64>().to_string())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let ended = std::time::Instant::now();
-    let served = drive::until_probe_fast(&server, baseline * 2).await?;
-    println!(
-        "    recovery: a probe RecordHit answered within 2x its earlier latency {:.2} s after the overload ended",
-        (served - ended).as_secs_f64()
-    );
-    let visible = check_counted(&server, &overload_phase, &overload, &args).await?;
-    println!(
-        "    recovery: everything acknowledged visible through Query {:.2} s after the overload ended",
-        (visible - ended).as_secs_f64()
-    );
+        // 2. Overload.
+        let baseline = drive::probe_latency(&server, 20).await?;
+        println!("\nprobe RecordHit latency before the overload: {baseline:?} (median of 20)");
+        let overload_phase = Phase::new("ovl", args.keys);
+        let offered = (capacity_rate * args.factor).max(1.0) as u64;
+        rss.reset();
+        let cpu = Cpu::start(&server);
+        let overload = drive::open_loop(&server, &overload_phase, &args, offered, &rss).await?;
+        let overload_cpu = cpu.report();
+        let overload_rate = overload.acknowledged_hits as f64 / args.overload_seconds as f64;
+        println!(
+            "\n[2] overload: {offered} hits/s offered ({}x capacity) for {} s: {:.0} hits/s acknowledged ({:.0}% of capacity); max RSS {}",
+            args.factor,
+            args.overload_seconds,
+            overload_rate,
+            100.0 * overload_rate / capacity_rate.max(1.0),
+            mib(rss.max())
+        );
+        print_outcomes(&overload);
+        println!("    {overload_cpu}");
+        println!("    RSS per 5 s (max of each): {}", rss.timeline_mib(5));
+        println!(
+            "    acknowledged hits per 5 s: {}",
+            overload
+                .per_second
+                .chunks(5)
+                .map(|c| c.iter().sum::<u64>().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let ended = std::time::Instant::now();
+        let served = drive::until_probe_fast(&server, baseline * 2).await?;
+        println!(
+            "    recovery: a probe RecordHit answered within 2x its earlier latency {:.2} s after the overload ended",
+            (served - ended).as_secs_f64()
+        );
+        let visible = check_counted(&server, &overload_phase, &overload, &args).await?;
+        println!(
+            "    recovery: everything acknowledged visible through Query {:.2} s after the overload ended",
+            (visible - ended).as_secs_f64()
+        );
+    }
 
     if !args.no_abusive {
         // 3. Never-readers.
@@ -194,6 +215,10 @@ async fn main() -> anyhow::Result<()> {
         );
         print_outcomes(&never.outcomes);
         check_counted(&server, &phase, &never.outcomes, &args).await?;
+        println!(
+            "    resident set once they read everything and went away: {}",
+            mib(rss.now())
+        );
 
         // 4. Idle connections.
         let phase = Phase::new("idle", args.keys);
@@ -216,7 +241,47 @@ async fn main() -> anyhow::Result<()> {
         if let Some(error) = idle.first_error {
             println!("    first connection error: {error}");
         }
+        let ingest = "service=\"hitcounter.v1.Ingest\"";
+        let closed = "hitcounter_grpc_connections_closed_idle_total";
+        println!(
+            "    ingest's connections, whole run so far: closed idle by timeout {:.0}, evicted at --max-connections {:.0}, refused {:.0}; open now {:.0}",
+            server.metric(closed, &[ingest, "reason=\"timeout\""]).await?,
+            server.metric(closed, &[ingest, "reason=\"evicted\""]).await?,
+            server.metric("hitcounter_grpc_connections_refused_total", &[ingest]).await?,
+            server.metric("hitcounter_grpc_connections_open", &[ingest]).await?,
+        );
+        print_outcomes(&idle.outcomes);
         check_counted(&server, &phase, &idle.outcomes, &args).await?;
+
+        // 5. Slow uploads.
+        let phase = Phase::new("slow", args.keys);
+        rss.reset();
+        let slow = drive::slow_uploads(&server, &phase, &args).await?;
+        println!(
+            "\n[5] {} slow uploads ({} started in {:.1} s), each one {}-hit RecordHits in {} pieces over {} s: max RSS {} (at start of the phase {})",
+            args.slow_uploads,
+            slow.started,
+            slow.opened_in.as_secs_f64(),
+            args.batch,
+            args.slow_upload_pieces,
+            args.hold_seconds,
+            mib(rss.max()),
+            mib(rss.first())
+        );
+        println!("    RSS per 5 s (max of each): {}", rss.timeline_mib(5));
+        println!(
+            "    a normal client meanwhile: {} RecordHit calls, median {:?}, max {:?}, {} failed",
+            slow.normal.calls, slow.normal.median, slow.normal.max, slow.normal.failed
+        );
+        if let Some(error) = slow.first_error {
+            println!("    first connection error: {error}");
+        }
+        print_outcomes(&slow.outcomes);
+        check_counted(&server, &phase, &slow.outcomes, &args).await?;
+        println!(
+            "    resident set once they were answered and went away: {}",
+            mib(rss.now())
+        );
     }
     println!(
         "\npeak resident set of the process over the whole run (VmHWM): {}",

@@ -22,6 +22,8 @@ pub(crate) struct Server {
     pid: u32,
     pub(crate) ingest: SocketAddr,
     pub(crate) query: SocketAddr,
+    /// The `/metrics` endpoint (every role's metrics in one).
+    metrics: SocketAddr,
     _data: tempfile::TempDir,
 }
 
@@ -94,6 +96,7 @@ impl Server {
             child: Mutex::new(child),
             ingest,
             query,
+            metrics,
             _data: data,
         };
         for addr in [ingest, query] {
@@ -122,6 +125,28 @@ impl Server {
 
     pub(crate) fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The sum of every sample of `metric` whose labels contain each of `labels` (e.g.
+    /// `service="hitcounter.v1.Ingest"`), from `/metrics` now; 0 when there is none.
+    pub(crate) async fn metric(&self, metric: &str, labels: &[&str]) -> anyhow::Result<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: overload\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        Ok(response
+            .lines()
+            .filter(|line| {
+                line.strip_prefix(metric)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                    && labels.iter().all(|l| line.contains(l))
+            })
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            // Not `sum()`: an empty f64 sum is -0.
+            .fold(0.0, |sum, value| sum + value))
     }
 
     /// Starts sampling the resident set every 100 ms.
