@@ -66,6 +66,9 @@ export HITCOUNTER_INGEST_PORT=${ingest_ports[0]} HITCOUNTER_INGEST2_PORT=${inges
 export HITCOUNTER_QUERY_PORT=$query_port HITCOUNTER_INGEST_METRICS_PORT=9201
 export HITCOUNTER_QUERY_METRICS_PORT=9203
 export NATS_IMAGE=hitcounter-nats:2.15.1
+# The stream's limit (each NATS server reserves it on its disk; the default 8 GiB fails on a
+# nearly full test machine with "insufficient storage"): a run writes a few MiB.
+export HITCOUNTER_NATS_MAX_BYTES=$((1 << 30))
 # --profile scale: the commands below reach aggregator-3 too (up-offline.sh's `up` does not start it).
 dc() { "${compose[@]}" -p "$project" -f "$root/docker-compose.cluster.yml" --profile scale "$@"; }
 dcq() {
