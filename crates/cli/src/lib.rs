@@ -7,11 +7,14 @@
 //! - [`chart`]: the terminal bar chart of `hitctl series`.
 //! - [`load`]: the load generator engine, reusable without the CLI (it does not print).
 //! - `token`: `hitctl token new|hash`, tokens and tokens-file entries for `--tokens-file`.
+//! - `cluster`: `hitctl cluster status`, the aggregators and placement of a clustered deployment
+//!   (read from NATS, not from a service's gRPC port).
 //! - [`error`]: what can fail and the exit codes.
 
 pub mod address;
 pub mod chart;
 pub mod cli;
+mod cluster;
 mod commands;
 pub mod error;
 pub mod load;
@@ -23,7 +26,7 @@ mod token;
 pub use error::CliError;
 pub use output::report_error;
 
-use cli::{Cli, Command};
+use cli::{Cli, ClusterCommand, Command};
 
 /// How a command that did not fail ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +53,10 @@ impl Outcome {
 /// [`CliError`]; report it with [`report_error`] and exit with [`CliError::exit_code`].
 pub async fn run(mut cli: Cli) -> Result<Outcome, CliError> {
     let out = output::Printer::new(cli.json);
+    if let Command::Cluster(ClusterCommand::Status(args)) = &cli.command {
+        // It reads NATS, not a service's gRPC port: none of the address checks below apply.
+        return cluster::status(args.clone(), out).await;
+    }
     cli.ingest = cli.ingest.with_ca_cert(cli.ca_cert.clone());
     cli.query = cli.query.with_ca_cert(cli.ca_cert.clone());
     if let Command::Health(args) = &mut cli.command {
@@ -102,5 +109,6 @@ async fn run_command(cli: Cli, out: output::Printer) -> Result<Outcome, CliError
         }
         Command::Load(args) => load_command::load(&cli.ingest, token, args, out).await,
         Command::Token(command) => token::run(command, out),
+        Command::Cluster(ClusterCommand::Status(args)) => cluster::status(args, out).await,
     }
 }

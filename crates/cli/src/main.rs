@@ -1,5 +1,6 @@
 //! `hitctl`: parses the command line and runs [`hitcounter_cli::run`]. Exit codes: 0 success, 1
-//! server error, unreachable service or unhealthy service, 2 usage error.
+//! server error, unreachable service, unhealthy service or a cluster partition with no ready
+//! replica (`hitctl cluster status`), 2 usage error.
 
 use std::process::ExitCode;
 

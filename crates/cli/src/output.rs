@@ -44,6 +44,12 @@ impl Printer {
         self.line(&value.to_string())
     }
 
+    /// Reports a problem found by a command that otherwise succeeded in printing its result
+    /// (`error: …` on stderr), before it exits with code 1.
+    pub(crate) fn problem(self, text: &str) {
+        let _ = writeln!(io::stderr().lock(), "error: {text}");
+    }
+
     /// Rewrites the current terminal line with `text` (carriage return, clear to end of line).
     pub(crate) fn rewrite(self, text: &str) -> Result<(), CliError> {
         let mut stdout = io::stdout().lock();

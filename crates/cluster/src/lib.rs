@@ -22,6 +22,7 @@
 
 pub mod args;
 pub mod error;
+pub mod inspect;
 pub mod log;
 pub mod membership;
 pub mod topology;
