@@ -68,10 +68,12 @@ struct Deployment {
     ingest: (Service, LinkProxy),
     query: (Service, LinkProxy),
     membership: Membership,
+    /// The aggregators' `--handoff-timeout-seconds`.
+    handoff_seconds: &'static str,
 }
 
 impl Deployment {
-    async fn start(aggregators: usize) -> anyhow::Result<Self> {
+    async fn start(aggregators: usize, handoff_seconds: &'static str) -> anyhow::Result<Self> {
         let nats = NatsCluster::start(3).await?;
         let urls = nats.urls();
         let data = tempfile::tempdir()?;
@@ -137,6 +139,7 @@ impl Deployment {
             ingest: (ingest, ingest_link),
             query: (query, query_link),
             membership,
+            handoff_seconds,
         };
         for _ in 0..aggregators {
             deployment.add().await?;
@@ -172,7 +175,7 @@ impl Deployment {
                 "--replicas",
                 &REPLICAS.to_string(),
                 "--handoff-timeout-seconds",
-                "45",
+                self.handoff_seconds,
             ]),
         );
         link.retarget(service.start().await?);
@@ -300,7 +303,7 @@ async fn membership_changes_keep_counts_exact_and_reads_never_go_back() -> anyho
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut deployment = Deployment::start(3).await?;
+    let mut deployment = Deployment::start(3, "45").await?;
     let took = deployment.until_whole(Duration::from_secs(60)).await?;
     println!("3 aggregators whole after {:.2} s", took.as_secs_f64());
     let (ingest, query) = (deployment.ingest.1.addr, deployment.query.1.addr);
@@ -487,5 +490,20 @@ async fn membership_changes_keep_counts_exact_and_reads_never_go_back() -> anyho
         .await
         .with_context(|| deployment.logs())?;
     until_counts(query, &closed, &closed_want, Duration::from_secs(10)).await?;
+    Ok(())
+}
+
+/// The last aggregator of a cluster (the whole cluster going down) does not wait for a handoff
+/// nobody can take: with a 10-minute handoff timeout it still exits at once on SIGTERM (the
+/// 60 s guard of `terminate` fails the test otherwise).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_last_aggregator_stops_without_waiting_for_a_handoff() -> anyhow::Result<()> {
+    let mut deployment = Deployment::start(1, "600").await?;
+    deployment.until_whole(Duration::from_secs(60)).await?;
+    let id = deployment.remove(0)?;
+    anyhow::ensure!(
+        !deployment.membership.members().await?.contains_key(&id),
+        "{id} left the membership"
+    );
     Ok(())
 }

@@ -305,8 +305,16 @@ impl Controller {
                     .filter(|&&p| !Self::handed_over(&roster, p))
                     .count();
                 let expired = leave_deadline.is_some_and(|d| tokio::time::Instant::now() >= d);
-                if waiting == 0 || expired {
-                    if expired && waiting > 0 {
+                // Nobody stays to take the partitions (the whole cluster is stopping): waiting
+                // would only delay the stop by the handoff timeout.
+                let nobody_stays = roster
+                    .nodes
+                    .iter()
+                    .all(|node| node.leaving || node.id == own.node_id);
+                if waiting == 0 || expired || nobody_stays {
+                    if nobody_stays && waiting > 0 {
+                        tracing::info!(waiting, "every member is leaving: nobody to hand over to");
+                    } else if expired && waiting > 0 {
                         tracing::warn!(waiting, "handoff timed out: leaving with partitions not yet ready elsewhere (their other replicas serve them)");
                     }
                     if let Layout::Members {
