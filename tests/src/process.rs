@@ -133,6 +133,10 @@ impl Service {
         let child = Command::new(binary(self.name)?)
             .args(&self.args)
             .current_dir(&self.dir)
+            // Tests read the error a service exits with from the end of its log: with the
+            // caller's RUST_BACKTRACE=1, anyhow would print a backtrace after it and push it
+            // out of the tail. Panics keep their backtraces (RUST_BACKTRACE still applies).
+            .env("RUST_LIB_BACKTRACE", "0")
             .env("RUST_LOG", filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
