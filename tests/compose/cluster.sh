@@ -431,7 +431,14 @@ print(f"MEASURED longest write outage (first failed send to acknowledgement): "
 PY
 
 step "docker compose down -v"
-dcq down -v --remove-orphans
+# The checks above passed. Docker sometimes keeps a stale endpoint on a network whose containers
+# were killed and restarted ("network ... has active endpoints", seen in CI with docker-compose
+# v1): try again, and only warn if it stays (a fresh `up` reuses the network).
+if ! dcq down -v --remove-orphans; then
+  sleep 3
+  dcq down -v --remove-orphans ||
+    echo "WARNING: compose down left a network behind (docker's stale endpoint); the test passed"
+fi
 trap - EXIT
 rm -rf "$ctx"
 step "compose cluster test passed"
