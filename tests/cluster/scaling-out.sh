@@ -27,6 +27,8 @@ cargo build --release
 export PATH="$PWD/target/release:$PATH"
 for i in 1 2 3; do NATS_NAME=nats-$i NATS_PORT=$((4221 + i)) NATS_CLUSTER_PORT=$((6221 + i)) NATS_STORE=data/nats-$i nats-server -c deploy/nats/nats-server.conf & done
 export HITCOUNTER_NATS=nats://127.0.0.1:4222,nats://127.0.0.1:4223,nats://127.0.0.1:4224
+# Three servers on one disk: each reserves the stream's limit (default 8 GiB); 1 GiB here.
+export HITCOUNTER_NATS_MAX_BYTES=1073741824
 aggregator() { mkdir -p data; hitcounter aggregator --node-id aggregator-$1 --listen 127.0.0.1:$((50061 + $1)) --data-dir data/aggregator-$1 --metrics-listen 127.0.0.1:$((9111 + $1)) & echo $! >data/aggregator-$1.pid; }
 for i in 0 1 2; do aggregator $i; done
 hitcounter ingest &
